@@ -1,0 +1,327 @@
+"""Number formats as small frozen dataclasses, and ``parse_format`` for their names.
+
+A format knows its bit width and how to quantize a tensor; the maths lives in
+:mod:`bitwidth.functional`. Bit width is data: a sweep is a loop over ``bits``.
+
+>>> parse_format("int4").bits, parse_format("fixed16_8").frac, parse_format("e4m3").max_value
+(4, 8, 448.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+
+__all__ = [
+    "IntFormat",
+    "FixedFormat",
+    "FloatFormat",
+    "Format",
+    "parse_format",
+    "format_from_dict",
+    "format_to_dict",
+    "FORMAT_FORMS",
+    "SCALE_METHODS",
+    "GRANULARITIES",
+]
+
+SCALE_METHODS = ("max", "pow2", "percentile", "mse")
+GRANULARITIES = ("tensor", "channel")
+FORMAT_FORMS = (
+    "int<2..32>",
+    "uint<1..32>",
+    "fixed<bits>_<frac>",
+    "e<E>m<M>",
+    "e4m3 e5m2 e2m3 e3m2 e2m1 (OCP maxima)",
+    "fp16",
+    "bf16",
+    "fp32 / none",
+)
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class IntFormat:
+    """Scaled integer: ``bits``-bit codes times a scale chosen from the data.
+
+    ``scale``: "max" (absolute max maps to the largest code), "pow2" (that scale rounded
+    up to a power of two, as fixed-point accelerators use), "percentile" (the
+    ``percentile``-th percentile of |x| instead of the max), "mse" (the clipping that
+    minimises the squared error, searched over 32 candidates).
+    ``granularity="channel"`` gives one scale per output channel (weights).
+
+    >>> IntFormat(4).quantize(torch.tensor([0.1, 0.7, -1.4]))
+    tensor([ 0.2000,  0.6000, -1.4000])
+    """
+
+    bits: int
+    signed: bool = True
+    symmetric: bool = True
+    granularity: str = "tensor"
+    scale: str = "max"
+    rounding: str = "nearest"
+    percentile: float = 99.99
+
+    def __post_init__(self) -> None:
+        lo = 2 if self.signed else 1
+        if not isinstance(self.bits, int) or not lo <= self.bits <= 32:
+            raise ValueError(f"{self.kind_name} bits must be an integer in {lo}..32, got {self.bits!r}")
+        _choice("granularity", self.granularity, GRANULARITIES)
+        _choice("scale", self.scale, SCALE_METHODS)
+        _choice("rounding", self.rounding, F.ROUNDINGS)
+        if not 0 < self.percentile <= 100:
+            raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+
+    @property
+    def kind_name(self) -> str:
+        return "int" if self.signed else "uint"
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind_name}{self.bits}"
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    def qparams(self, x: Tensor, axis: int | None = None) -> tuple[Tensor, Tensor]:
+        """Scale and zero point for ``x`` (per channel along ``axis`` when granular).
+
+        >>> IntFormat(8).qparams(torch.tensor([-2.54, 1.0]))[0]
+        tensor(0.0200)
+        """
+        x = x.detach().float()
+        if self.granularity == "channel" and axis is not None and x.dim() > 0:
+            x = x.movedim(axis, 0).reshape(x.shape[axis], -1)  # (channels, rest)
+        else:
+            x = x.reshape(1, -1)
+        x = torch.where(torch.isfinite(x), x, 0.0)  # NaN/Inf never set the range
+        if self.symmetric:
+            hi = self._clip(x.abs())
+            lo = -hi if self.signed else torch.zeros_like(hi)
+        else:
+            lo = -self._clip((-x).clamp(min=0))
+            hi = self._clip(x.clamp(min=0))
+        if self.symmetric:
+            scale = hi / self.qmax  # the max maps onto the largest code, never clipped
+            zp = torch.zeros_like(scale)
+        else:
+            scale = (hi - lo) / (self.qmax - self.qmin)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        if self.scale == "pow2":
+            scale = torch.exp2(torch.ceil(torch.log2(scale)))
+        if not self.symmetric:
+            zp = (self.qmin - torch.round(lo / scale)).clamp(self.qmin, self.qmax)
+        if self.scale == "mse":
+            scale, zp = self._mse_search(x, scale, zp)
+        if self.granularity == "tensor" or axis is None:
+            return scale.reshape(()), zp.reshape(())
+        return scale.reshape(-1), zp.reshape(-1)
+
+    def _clip(self, mag: Tensor) -> Tensor:
+        """Per-row clipping magnitude of ``mag`` (channels, n): its max or a percentile."""
+        if self.scale == "percentile" and self.percentile < 100:
+            n = mag.shape[1]
+            k = max(1, min(n, math.ceil(self.percentile / 100 * n)))
+            return mag.kthvalue(k, dim=1).values
+        return mag.amax(dim=1)
+
+    def _mse_search(self, x: Tensor, scale: Tensor, zp: Tensor) -> tuple[Tensor, Tensor]:
+        best_err = torch.full_like(scale, float("inf"))
+        best_s = scale
+        for ratio in torch.linspace(1.0, 0.2, 32).tolist():
+            # Shrinking both ends of the range by the same ratio keeps the zero point.
+            s = scale * ratio
+            q = F.quantize_int(x, s[:, None], zp[:, None], self.qmin, self.qmax)
+            err = (q - x).pow(2).mean(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, s, best_s)
+        return best_s, zp
+
+    def quantize(
+        self,
+        x: Tensor,
+        *,
+        axis: int | None = None,
+        qparams: tuple[Tensor, Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Fake-quantize ``x`` with scale from ``qparams`` or, by default, from ``x`` itself."""
+        scale, zp = qparams if qparams is not None else self.qparams(x, axis)
+        ax = axis if scale.dim() > 0 else None
+        return F.quantize_int(x, scale, zp, self.qmin, self.qmax, axis=ax, rounding=self.rounding, generator=generator)
+
+
+@dataclass(frozen=True)
+class FixedFormat:
+    """Signed fixed point (Q-format): ``bits`` total, ``frac`` of them after the binary point.
+
+    >>> FixedFormat(8, 4).quantize(torch.tensor([0.3, 100.0]))
+    tensor([0.3125, 7.9375])
+    """
+
+    bits: int
+    frac: int
+    rounding: str = "nearest"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 32:
+            raise ValueError(f"fixed point bits must be an integer in 2..32, got {self.bits!r}")
+        if not isinstance(self.frac, int) or not -32 <= self.frac <= 64:
+            raise ValueError(f"fixed point frac must be an integer in -32..64, got {self.frac!r}")
+        _choice("rounding", self.rounding, F.ROUNDINGS)
+
+    @property
+    def name(self) -> str:
+        return f"fixed{self.bits}_{self.frac}"
+
+    @property
+    def max_value(self) -> float:
+        return (2.0 ** (self.bits - 1) - 1) * 2.0**-self.frac
+
+    @property
+    def step(self) -> float:
+        return 2.0**-self.frac
+
+    def quantize(self, x: Tensor, *, generator: torch.Generator | None = None, **_: object) -> Tensor:
+        return F.quantize_fixed(x, self.bits, self.frac, rounding=self.rounding, generator=generator)
+
+
+@dataclass(frozen=True)
+class FloatFormat:
+    """Float with ``exp`` exponent and ``man`` mantissa bits (plus a sign bit).
+
+    >>> FloatFormat(4, 3).max_value, FloatFormat(4, 3, max_value=448.0).quantize(torch.tensor([300.0]))
+    (240.0, tensor([288.]))
+    """
+
+    exp: int
+    man: int
+    max_value: float = None  # type: ignore[assignment]  # None -> IEEE-style maximum
+    subnormals: bool = True
+    rounding: str = "nearest"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.exp, int) or not 1 <= self.exp <= 8:
+            raise ValueError(f"float exponent bits must be an integer in 1..8, got {self.exp!r}")
+        if not isinstance(self.man, int) or not 0 <= self.man <= 23:
+            raise ValueError(f"float mantissa bits must be an integer in 0..23, got {self.man!r}")
+        _choice("rounding", self.rounding, F.ROUNDINGS)
+        mv = F.float_max_value(self.exp, self.man) if self.max_value is None else float(self.max_value)
+        if not mv > 0 or math.isinf(mv):
+            raise ValueError(f"max_value must be a positive finite number, got {self.max_value!r}")
+        object.__setattr__(self, "max_value", mv)
+
+    @property
+    def bits(self) -> int:
+        return 1 + self.exp + self.man
+
+    @property
+    def name(self) -> str:
+        for alias, (e, m) in _FLOAT_ALIASES.items():
+            if (e, m) == (self.exp, self.man) and self.max_value == _alias_max(alias):
+                return alias
+        return f"e{self.exp}m{self.man}"
+
+    @property
+    def min_normal(self) -> float:
+        return 2.0 ** (2 - 2 ** (self.exp - 1))
+
+    @property
+    def step(self) -> float:
+        """Smallest positive value (the subnormal step, or the smallest normal without subnormals)."""
+        return self.min_normal * 2.0**-self.man if self.subnormals else self.min_normal
+
+    def quantize(self, x: Tensor, *, generator: torch.Generator | None = None, **_: object) -> Tensor:
+        return F.quantize_float(
+            x, self.exp, self.man, max_value=self.max_value, subnormals=self.subnormals,
+            rounding=self.rounding, generator=generator,
+        )
+
+
+Format = Union[IntFormat, FixedFormat, FloatFormat]
+
+_OCP_MAX = {"e4m3": 448.0, "e5m2": 57344.0, "e2m3": 7.5, "e3m2": 28.0, "e2m1": 6.0}
+_FLOAT_ALIASES = {"fp16": (5, 10), "bf16": (8, 7), **{k: (int(k[1]), int(k[3])) for k in _OCP_MAX}}
+
+
+def _alias_max(alias: str) -> float:
+    e, m = _FLOAT_ALIASES[alias]
+    return _OCP_MAX.get(alias, F.float_max_value(e, m))
+
+
+_PATTERNS = [
+    (re.compile(r"(u?)int(\d+)"), lambda m, kw: IntFormat(int(m[2]), signed=not m[1], **kw)),
+    (re.compile(r"fixed(\d+)_(-?\d+)"), lambda m, kw: FixedFormat(int(m[1]), int(m[2]), **kw)),
+    (re.compile(r"e(\d+)m(\d+)"), lambda m, kw: FloatFormat(int(m[1]), int(m[2]), **kw)),
+]
+
+
+def parse_format(name: str | Format | None, **options: object) -> Format | None:
+    """Build a format from its name; ``fp32``/``none`` mean full precision (``None``).
+
+    Keyword options set the dataclass fields (``rounding="stochastic"``, ``scale="pow2"``…).
+
+    >>> parse_format("uint8", scale="pow2")
+    IntFormat(bits=8, signed=False, symmetric=True, granularity='tensor', scale='pow2', rounding='nearest', percentile=99.99)
+    >>> parse_format("e2m1").max_value
+    6.0
+    """
+    if name is None or isinstance(name, (IntFormat, FixedFormat, FloatFormat)):
+        return dataclasses.replace(name, **options) if name is not None and options else name
+    if not isinstance(name, str):
+        raise ValueError(f"a format is a name like 'int8' or a format object, got {name!r}")
+    key = name.strip().lower()
+    if key in ("fp32", "none", "float32", "full"):
+        return None
+    try:
+        if key in _FLOAT_ALIASES:
+            e, m = _FLOAT_ALIASES[key]
+            return FloatFormat(e, m, **{"max_value": _alias_max(key), **options})
+        for pattern, build in _PATTERNS:
+            match = pattern.fullmatch(key)
+            if match:
+                return build(match, options)
+    except TypeError as err:  # an unknown option name
+        raise ValueError(f"bad option for format {name!r}: {err}") from None
+    raise ValueError(f"unknown format {name!r}; allowed forms: {', '.join(FORMAT_FORMS)}")
+
+
+def format_from_dict(d: dict | str | None) -> Format | None:
+    """Inverse of :func:`format_to_dict`; also accepts a plain name."""
+    if d is None or isinstance(d, str):
+        return parse_format(d)
+    d = dict(d)
+    kind = d.pop("type")
+    cls = {"int": IntFormat, "fixed": FixedFormat, "float": FloatFormat}[kind]
+    return cls(**d)
+
+
+def format_to_dict(fmt: Format | None) -> dict | None:
+    """A JSON-ready dict with every field, so stored plans rebuild the exact format.
+
+    >>> format_to_dict(parse_format("fixed8_4"))
+    {'type': 'fixed', 'bits': 8, 'frac': 4, 'rounding': 'nearest'}
+    """
+    if fmt is None:
+        return None
+    kind = {IntFormat: "int", FixedFormat: "fixed", FloatFormat: "float"}[type(fmt)]
+    return {"type": kind, **dataclasses.asdict(fmt)}
+
