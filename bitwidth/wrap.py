@@ -178,7 +178,7 @@ def _quantize_weight(st: _LayerState, fmt: Format, w: Tensor) -> Tensor:
 
 
 def _quantize_activation(st: _LayerState, fmt: Format, x: Tensor) -> Tensor:
-    if isinstance(fmt, IntFormat) and st.calib is not None:
+    if isinstance(fmt, IntFormat) and st.calib is not None and not st.observing:
         # Static range: the format chooses its scale from the calibration data.
         return fmt.quantize(x, qparams=_static_qparams(fmt, st))
     return fmt.quantize(x)
@@ -212,11 +212,10 @@ def _observe(st: _LayerState, x: Tensor) -> None:
         idx = torch.randint(sample.numel(), (_CALIB_SAMPLE // 8,), device=sample.device)
         sample = sample[idx]
     c = st.calib
-    if c is None or "sample" not in c:
-        st.calib = {"min": lo, "max": hi, "sample": sample}
-        return
-    c["min"], c["max"] = torch.minimum(c["min"], lo), torch.maximum(c["max"], hi)
-    c["sample"] = torch.cat([c["sample"], sample])[-_CALIB_SAMPLE:]
+    if c is not None:
+        lo, hi = torch.minimum(c["min"], lo), torch.maximum(c["max"], hi)
+        sample = torch.cat([c["sample"], sample])[-_CALIB_SAMPLE:]
+    st.calib = {"min": lo, "max": hi, "sample": sample}  # a new dict drops scales derived from the old one
 
 
 def _gradient_quantizer(fmt: Format, st: _LayerState) -> Callable[[Tensor], Tensor]:
