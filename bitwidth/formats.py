@@ -13,7 +13,6 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 from torch import Tensor
@@ -21,16 +20,16 @@ from torch import Tensor
 from . import functional as F
 
 __all__ = [
-    "IntFormat",
+    "FORMAT_FORMS",
+    "GRANULARITIES",
+    "SCALE_METHODS",
     "FixedFormat",
     "FloatFormat",
     "Format",
-    "parse_format",
+    "IntFormat",
     "format_from_dict",
     "format_to_dict",
-    "FORMAT_FORMS",
-    "SCALE_METHODS",
-    "GRANULARITIES",
+    "parse_format",
 ]
 
 SCALE_METHODS = ("max", "pow2", "percentile", "mse")
@@ -63,7 +62,7 @@ class IntFormat:
     ``granularity="channel"`` gives one scale per output channel (weights).
 
     >>> IntFormat(4).quantize(torch.tensor([0.1, 0.7, -1.4]))
-    tensor([ 0.2000,  0.6000, -1.4000])
+    tensor([ 0.0000,  0.8000, -1.4000])
     """
 
     bits: int
@@ -111,49 +110,54 @@ class IntFormat:
             x = x.movedim(axis, 0).reshape(x.shape[axis], -1)  # (channels, rest)
         else:
             x = x.reshape(1, -1)
-        x = torch.where(torch.isfinite(x), x, 0.0)  # NaN/Inf never set the range
+        lo, hi = self._range(x)
         if self.symmetric:
-            hi = self._clip(x.abs())
-            lo = -hi if self.signed else torch.zeros_like(hi)
-        else:
-            lo = -self._clip((-x).clamp(min=0))
-            hi = self._clip(x.clamp(min=0))
-        if self.symmetric:
+            hi = torch.maximum(-lo, hi)
             scale = hi / self.qmax  # the max maps onto the largest code, never clipped
-            zp = torch.zeros_like(scale)
         else:
             scale = (hi - lo) / (self.qmax - self.qmin)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         if self.scale == "pow2":
             scale = torch.exp2(torch.ceil(torch.log2(scale)))
-        if not self.symmetric:
+        if self.symmetric:
+            zp = torch.zeros_like(scale)
+        else:
             zp = (self.qmin - torch.round(lo / scale)).clamp(self.qmin, self.qmax)
         if self.scale == "mse":
-            scale, zp = self._mse_search(x, scale, zp)
+            scale = self._mse_search(x, scale, zp)
         if self.granularity == "tensor" or axis is None:
             return scale.reshape(()), zp.reshape(())
         return scale.reshape(-1), zp.reshape(-1)
 
-    def _clip(self, mag: Tensor) -> Tensor:
-        """Per-row clipping magnitude of ``mag`` (channels, n): its max or a percentile."""
+    def _range(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-row clipping range (lo <= 0 <= hi) of ``rows`` (channels, n); NaN/Inf ignored."""
+        if rows.shape[1] == 0:
+            zero = rows.new_zeros(rows.shape[0])
+            return zero, zero
         if self.scale == "percentile" and self.percentile < 100:
-            n = mag.shape[1]
-            k = max(1, min(n, math.ceil(self.percentile / 100 * n)))
-            return mag.kthvalue(k, dim=1).values
-        return mag.amax(dim=1)
+            rows = torch.where(torch.isfinite(rows), rows, 0.0)
+            k = max(1, min(rows.shape[1], math.ceil(self.percentile / 100 * rows.shape[1])))
+            if self.symmetric:
+                hi = rows.abs().kthvalue(k, dim=1).values
+                return -hi, hi
+            return -(-rows).clamp(min=0).kthvalue(k, dim=1).values, rows.clamp(min=0).kthvalue(k, dim=1).values
+        lo, hi = torch.aminmax(rows, dim=1)  # one pass; the masked retry below is the rare case
+        if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
+            lo, hi = torch.aminmax(torch.where(torch.isfinite(rows), rows, 0.0), dim=1)
+        return lo.clamp(max=0), hi.clamp(min=0)
 
-    def _mse_search(self, x: Tensor, scale: Tensor, zp: Tensor) -> tuple[Tensor, Tensor]:
+    def _mse_search(self, x: Tensor, scale: Tensor, zp: Tensor) -> Tensor:
         best_err = torch.full_like(scale, float("inf"))
         best_s = scale
         for ratio in torch.linspace(1.0, 0.2, 32).tolist():
             # Shrinking both ends of the range by the same ratio keeps the zero point.
             s = scale * ratio
-            q = F.quantize_int(x, s[:, None], zp[:, None], self.qmin, self.qmax)
+            q = F.quantize_int(x, s, zp, self.qmin, self.qmax, axis=0)  # x is (rows, n)
             err = (q - x).pow(2).mean(dim=1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_s = torch.where(better, s, best_s)
-        return best_s, zp
+        return best_s
 
     def quantize(
         self,
@@ -256,7 +260,7 @@ class FloatFormat:
         )
 
 
-Format = Union[IntFormat, FixedFormat, FloatFormat]
+Format = IntFormat | FixedFormat | FloatFormat
 
 _OCP_MAX = {"e4m3": 448.0, "e5m2": 57344.0, "e2m3": 7.5, "e3m2": 28.0, "e2m1": 6.0}
 _FLOAT_ALIASES = {"fp16": (5, 10), "bf16": (8, 7), **{k: (int(k[1]), int(k[3])) for k in _OCP_MAX}}
@@ -279,8 +283,8 @@ def parse_format(name: str | Format | None, **options: object) -> Format | None:
 
     Keyword options set the dataclass fields (``rounding="stochastic"``, ``scale="pow2"``…).
 
-    >>> parse_format("uint8", scale="pow2")
-    IntFormat(bits=8, signed=False, symmetric=True, granularity='tensor', scale='pow2', rounding='nearest', percentile=99.99)
+    >>> parse_format("uint8", scale="pow2").scale
+    'pow2'
     >>> parse_format("e2m1").max_value
     6.0
     """

@@ -14,19 +14,29 @@ tensor([0.2500, 1.7500])
 
 from __future__ import annotations
 
+import math
+import os
+import warnings
+
 import torch
 from torch import Tensor
 
 __all__ = [
     "ROUNDINGS",
-    "quantize_int",
+    "float_max_value",
     "quantize_fixed",
     "quantize_float",
     "quantize_gradient",
-    "float_max_value",
+    "quantize_int",
 ]
 
 ROUNDINGS = ("nearest", "stochastic")
+
+# Tensors at least this large go through kernels fused by torch.compile (one pass over
+# memory instead of five); smaller ones stay eager, where launch overhead dominates and a
+# compilation would cost more than it saves. BITWIDTH_COMPILE=0 turns fusion off.
+FUSE_MIN_NUMEL = 1 << 18
+_fuse = {"enabled": os.environ.get("BITWIDTH_COMPILE", "1") != "0", "cache": {}}
 
 
 def _check_rounding(rounding: str) -> None:
@@ -34,49 +44,110 @@ def _check_rounding(rounding: str) -> None:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
 
 
-def _round_(y: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
-    """Round ``y`` in place: half-to-even, or stochastically (up with probability frac(y))."""
-    if rounding == "nearest":
-        return y.round_()
-    u = torch.rand(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+# ----------------------------------------------------------------------------- kernels
+# Pure functions of tensors only (no Python scalars), so one compiled graph serves every
+# bit width, scale and shape. Each computes in float32 (float64 for float64 input) and
+# casts back, so half-precision inputs see exact grid arithmetic.
+
+def _rnd(y: Tensor, noise: Tensor | None) -> Tensor:
+    """Half-to-even, or up with probability frac(y) when ``noise`` ~ U[0, 1) is given."""
+    if noise is None:
+        return torch.round(y)
     f = torch.floor(y)
-    # frac = y - floor(y) is exact in float32 below 2^23, so P(round up) == frac exactly.
-    return f.add_(u.lt_(y.sub_(f)).to(f.dtype))
+    return f + (noise < y - f).to(y.dtype)  # y - floor(y) is exact, so P(up) == frac(y)
 
 
-def _work_dtype(x: Tensor) -> torch.dtype:
-    # Half-precision inputs are computed in float32 so the grid arithmetic stays exact.
+def _wd(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _broadcast(v: Tensor | float, x: Tensor, axis: int | None) -> Tensor | float:
-    if not isinstance(v, Tensor) or v.dim() == 0 or axis is None:
-        return v
-    shape = [1] * x.dim()
-    shape[axis] = -1
-    return v.reshape(shape)
+def _int_kernel(x: Tensor, scale: Tensor, zp: Tensor, qmin: Tensor, qmax: Tensor, noise: Tensor | None) -> Tensor:
+    code = _rnd(x.to(_wd(x)) / scale, noise) + zp
+    return ((torch.minimum(torch.maximum(code, qmin), qmax) - zp) * scale).to(x.dtype)
+
+
+def _int_grad(g: Tensor, x: Tensor, scale: Tensor, zp: Tensor, qmin: Tensor, qmax: Tensor) -> Tensor:
+    code = torch.round(x.to(_wd(x)) / scale) + zp
+    return torch.where((code >= qmin) & (code <= qmax), g, 0.0)
+
+
+def _pow2(k: Tensor) -> Tensor:
+    """Exact float32 powers of two for integer exponents in [-149, 127], built from bits."""
+    normal = (k + 127).clamp(min=0) << 23
+    sub = torch.ones_like(k) << (k + 149).clamp(0, 22)
+    return torch.where(k >= -126, normal, sub).view(torch.float32)
+
+
+def _float_kernel(
+    x: Tensor, man: Tensor, emin: Tensor, kmin: Tensor, max_value: Tensor, noise: Tensor | None
+) -> Tensor:
+    xf = x.to(torch.float32)
+    a = xf.abs()
+    e = (a.view(torch.int32) >> 23) - 127  # floor(log2|x|) for normal float32
+    e = torch.minimum(torch.maximum(e, emin), torch.full_like(e, 127))
+    # Below the smallest normal the step is fixed: 2**kmin (subnormal step, or min normal).
+    k = torch.where(e > emin, e - man, kmin)
+    step = _pow2(k)
+    q = _rnd(a / step, noise) * step
+    return torch.minimum(q, max_value).copysign(xf).to(x.dtype)
+
+
+def _float_grad(g: Tensor, x: Tensor, man: Tensor, emin: Tensor, kmin: Tensor, max_value: Tensor) -> Tensor:
+    return torch.where(x.to(torch.float32).abs() <= max_value, g, 0.0)
+
+
+def _kernel(fn):
+    """``fn`` itself, or its compiled form; a failed compilation falls back to eager for good."""
+    if not _fuse["enabled"]:
+        return fn
+    compiled = _fuse["cache"].get(fn)
+    if compiled is None:
+        compiled = _fuse["cache"][fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+
+    def run(*args):
+        try:
+            return compiled(*args)
+        except Exception as err:  # no C++ compiler, unsupported device, …
+            msg = f"bitwidth: fused kernels unavailable ({type(err).__name__}: {err}); using eager ops"
+            warnings.warn(msg, stacklevel=2)
+            _fuse["enabled"] = False
+            return fn(*args)
+
+    return run
 
 
 class _STE(torch.autograd.Function):
-    """Forward: a precomputed quantized tensor. Backward: gradient masked to the in-range inputs."""
+    """Quantize in forward; in backward pass the gradient where the input was in range."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, out: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(mask)
-        return out
+    def forward(ctx, x: Tensor, fwd, grad_fn, noise, *params: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.grad_fn = grad_fn
+        ctx.save_for_backward(x, *params)  # x, not a mask: no extra memory while x is alive anyway
+        return fwd(x, *params, noise)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None, None
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        x, *params = ctx.saved_tensors
+        return (ctx.grad_fn(g, x, *params), None, None, None) + (None,) * len(params)
 
 
-def _finish(x: Tensor, out: Tensor, in_range) -> Tensor:
-    """Cast back to the input dtype and attach the straight-through gradient when needed."""
-    out = out.to(x.dtype)
+def _run(fwd, grad, x: Tensor, params: tuple[Tensor, ...], rounding: str, generator, flat_shape) -> Tensor:
+    """Reshape ``x`` to the kernel's layout, run forward (and STE backward), reshape back."""
+    xs = x.reshape(flat_shape)
+    fused = x.numel() >= FUSE_MIN_NUMEL
+    noise = None
+    if rounding == "stochastic":
+        noise = torch.rand(xs.shape, generator=generator, device=x.device, dtype=_wd(x))
+    fwd_k, grad_k = (_kernel(fwd), _kernel(grad)) if fused else (fwd, grad)
     if x.requires_grad and torch.is_grad_enabled():
-        return _STE.apply(x, out.detach(), in_range())
-    return out
+        out = _STE.apply(xs, fwd_k, grad_k, noise, *params)
+    else:
+        out = fwd_k(xs, *params, noise)
+    return out.reshape(x.shape)
+
+
+def _as_param(v: Tensor | float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return v.to(device=device, dtype=dtype) if isinstance(v, Tensor) else torch.tensor(v, dtype=dtype, device=device)
 
 
 def quantize_int(
@@ -103,18 +174,17 @@ def quantize_int(
     _check_rounding(rounding)
     if qmin >= qmax:
         raise ValueError(f"qmin must be below qmax, got qmin={qmin}, qmax={qmax}")
-    wd = _work_dtype(x)
-    s = _broadcast(scale.to(wd) if isinstance(scale, Tensor) else scale, x, axis)
-    zp = _broadcast(zero_point.to(wd) if isinstance(zero_point, Tensor) else zero_point, x, axis)
-    code = _round_(x.to(wd) / s, rounding, generator)  # fresh tensor, safe to modify
-    has_zp = isinstance(zp, Tensor) or zp != 0
-    if has_zp:
-        code.add_(zp)
-    out = code.clamp(qmin, qmax)
-    if has_zp:
-        out.sub_(zp)
-    out.mul_(s)
-    return _finish(x, out, lambda: (code >= qmin) & (code <= qmax))
+    wd, dev = _wd(x), x.device
+    s, zp = _as_param(scale, wd, dev), _as_param(zero_point, wd, dev)
+    if s.dim() > 0 and axis is not None:
+        axis = axis % x.dim()
+        pre = math.prod(x.shape[:axis])
+        flat: tuple[int, ...] = (pre, x.shape[axis], -1)  # (outer, channel, inner)
+        s, zp = s.reshape(1, -1, 1), zp.reshape(1, -1, 1)
+    else:
+        flat = (-1,)
+    params = (s, zp, _as_param(qmin, wd, dev), _as_param(qmax, wd, dev))
+    return _run(_int_kernel, _int_grad, x, params, rounding, generator, flat)
 
 
 def quantize_fixed(
@@ -127,7 +197,8 @@ def quantize_fixed(
 ) -> Tensor:
     """Signed two's-complement fixed point with ``frac`` fraction bits, saturating.
 
-    Step ``2**-frac``; range ``[-2**(bits-1), 2**(bits-1) - 1] * 2**-frac``.
+    Step ``2**-frac``; range ``[-2**(bits-1), 2**(bits-1) - 1] * 2**-frac``. This is the
+    integer quantizer with a power-of-two scale, which keeps every step exact.
 
     >>> quantize_fixed(torch.tensor([0.3, -9.0]), bits=8, frac=4)
     tensor([ 0.3125, -8.0000])
@@ -135,12 +206,8 @@ def quantize_fixed(
     _check_rounding(rounding)
     if bits < 2:
         raise ValueError(f"fixed point needs at least 2 bits, got {bits}")
-    hi = 2.0 ** (bits - 1) - 1
-    lo = -(2.0 ** (bits - 1))
-    wd = _work_dtype(x)
-    code = _round_(x.to(wd) * 2.0**frac, rounding, generator)  # power-of-two scaling is exact
-    out = code.clamp(lo, hi).mul_(2.0**-frac)
-    return _finish(x, out, lambda: (code >= lo) & (code <= hi))
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return quantize_int(x, 2.0**-frac, 0, lo, hi, rounding=rounding, generator=generator)
 
 
 def float_max_value(exp: int, man: int) -> float:
@@ -151,13 +218,6 @@ def float_max_value(exp: int, man: int) -> float:
     """
     bias = 2 ** (exp - 1) - 1
     return (2.0 - 2.0**-man) * 2.0 ** (2**exp - 2 - bias)
-
-
-def _pow2(k: Tensor) -> Tensor:
-    """Exact float32 powers of two for integer exponents in [-149, 127], built from bits."""
-    normal = (k + 127).clamp_(min=0) << 23
-    sub = torch.ones_like(k) << (k + 149).clamp_(0, 22)
-    return torch.where(k >= -126, normal, sub).view(torch.float32)
 
 
 def quantize_float(
@@ -185,16 +245,14 @@ def quantize_float(
     if max_value is None:
         max_value = float_max_value(exp, man)
     emin = 2 - 2 ** (exp - 1)  # exponent of the smallest normal
-    xf = x.to(torch.float32)
-    a = xf.abs()
-    e = (a.view(torch.int32) >> 23) - 127  # floor(log2|x|) for normal float32
-    e.clamp_(emin, 127)
-    # Below the smallest normal the step is fixed: 2**(emin-man), or 2**emin without subnormals.
-    k = e - man if subnormals else torch.where(e > emin, e - man, emin)
-    step = _pow2(k)
-    q = _round_(a / step, rounding, generator).mul_(step)
-    out = q.clamp_(max=max_value).copysign_(xf)
-    return _finish(x, out, lambda: a <= max_value)
+    dev = x.device
+    params = (
+        _as_param(man, torch.int32, dev),
+        _as_param(emin, torch.int32, dev),
+        _as_param(emin - man if subnormals else emin, torch.int32, dev),
+        _as_param(max_value, torch.float32, dev),
+    )
+    return _run(_float_kernel, _float_grad, x, params, rounding, generator, (-1,))
 
 
 class _GradQuant(torch.autograd.Function):
@@ -212,7 +270,7 @@ def quantize_gradient(x: Tensor, fn) -> Tensor:
     """Identity in forward; in backward the incoming gradient is replaced by ``fn(grad)``.
 
     >>> x = torch.tensor([1.0], requires_grad=True)
-    >>> quantize_gradient(x * 0.3, lambda g: quantize_fixed(g, 8, 2)).sum().backward()
+    >>> (quantize_gradient(x, lambda g: quantize_fixed(g, 8, 2)) * 0.3).sum().backward()
     >>> x.grad
     tensor([0.2500])
     """

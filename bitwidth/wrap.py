@@ -19,7 +19,7 @@ import difflib
 import fnmatch
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as TF
@@ -29,20 +29,20 @@ from . import functional as F
 from .formats import Format, IntFormat, format_to_dict, parse_format
 
 __all__ = [
-    "QuantSpec",
-    "Plan",
     "KINDS",
-    "wrap",
-    "unwrap",
-    "set_plan",
-    "plan_of",
-    "resolve_plan",
+    "Plan",
+    "QuantSpec",
     "calibrate",
-    "quant_layers",
     "covered_layers",
     "is_wrapped",
-    "plan_to_dict",
     "plan_from_dict",
+    "plan_of",
+    "plan_to_dict",
+    "quant_layers",
+    "resolve_plan",
+    "set_plan",
+    "unwrap",
+    "wrap",
 ]
 
 KINDS = ("weight", "activation", "gradient")
@@ -76,7 +76,7 @@ class QuantSpec:
         return " ".join(f"{k[0]}={getattr(self, k).name if getattr(self, k) else '-'}" for k in KINDS)
 
 
-SpecLike = Union[QuantSpec, str, Format, Mapping[str, Any], None]
+SpecLike = QuantSpec | str | Format | Mapping[str, Any] | None
 Plan = Mapping[str, SpecLike]
 
 
@@ -364,7 +364,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn.Module, Any], Any] | None = None) -> nn.Module:
+def calibrate(
+    model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn.Module, Any], Any] | None = None
+) -> nn.Module:
     """Observe activation ranges over ``batches`` so integer activations use static scales.
 
     A batch may be a tensor or a tuple whose first item is the input. The statistics

@@ -57,7 +57,8 @@ def test_float_matches_ml_dtypes_on_grid_midpoints_and_random(name):
     mids = (grid[:-1].astype(np.float64) + grid[1:]) / 2  # every tie
     rng = np.random.default_rng(0)
     # random magnitudes log-uniform over the whole range, both signs, plus values past max
-    mags = np.exp2(rng.uniform(math.log2(float(ml_dtypes.finfo(dtype).smallest_subnormal)) - 2, min(math.log2(mv) + 1, 126), 20000))
+    lo = math.log2(float(ml_dtypes.finfo(dtype).smallest_subnormal)) - 2
+    mags = np.exp2(rng.uniform(lo, min(math.log2(mv) + 1, 126), 20000))
     rand = mags * rng.choice([-1, 1], mags.size)
     x = np.concatenate([grid, mids, rand]).astype(np.float32)
     ours = F.quantize_float(torch.from_numpy(x), exp, man, max_value=max_value).numpy()

@@ -41,7 +41,7 @@ def test_empty_specs_are_bit_identical_forward_and_backward(name, device):
         grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
         bw.unwrap(model)
         assert torch.equal(out, ref)
-        assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+        assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))
 
 
 def test_wrap_changes_outputs_in_eval_and_no_grad(resnet):
