@@ -1,0 +1,297 @@
+"""Where trials run: in this process, in a local process pool, or on a Ray cluster.
+
+The search hands an executor a job function, a context (task, baseline, options: the
+heavy part, identical for every trial) and a round of items (plans). The context reaches
+each worker once, not once per trial: pool initializer locally, actors on Ray. Results
+come back as they finish; only the caller writes them to the trial store.
+
+>>> ex = make_executor("local")
+>>> sorted((d.index, d.value) for d in ex.map_unordered(lambda ctx, item: ctx + item, 10, [1, 2]))
+[(0, 11), (1, 12)]
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import sys
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Done", "Executor", "LocalExecutor", "ProcessExecutor", "RayExecutor", "make_executor", "EXECUTORS"]
+
+EXECUTORS = ("local", "process", "ray")
+
+
+@dataclass
+class Done:
+    """One finished item: its ``value``, or the ``error`` text when the job raised.
+
+    ``lost`` marks an item whose worker died (killed, out of memory, node gone): it is
+    not a result, so it must not be stored; a rerun tries it again.
+    """
+
+    index: int
+    value: Any = None
+    error: str | None = None
+    lost: bool = False
+
+
+def _call(fn: Callable[[Any, Any], Any], context: Any, index: int, item: Any) -> Done:
+    try:
+        return Done(index, fn(context, item))
+    except Exception:  # a failing trial is a result to record, not a reason to stop
+        return Done(index, error=traceback.format_exc(limit=8))
+
+
+class Executor:
+    """Runs ``fn(context, item)`` for each item and yields :class:`Done` as they finish."""
+
+    workers: int = 1
+
+    def map_unordered(self, fn: Callable[[Any, Any], Any], context: Any, items: Iterable[Any]) -> Iterator[Done]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release workers; the executor can be used again afterwards."""
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LocalExecutor(Executor):
+    """Serial, in this process: the default, and the reference the others must match."""
+
+    def map_unordered(self, fn, context, items):
+        for i, item in enumerate(items):
+            yield _call(fn, context, i, item)
+
+
+# ----------------------------------------------------------------------------- process pool
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(context_bytes: bytes, threads: int, slots: Any, gpus: int) -> None:
+    import torch
+
+    if gpus:
+        # One GPU per worker, round robin, before CUDA is initialised in this process.
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(slots.get() % gpus)
+    torch.set_num_threads(threads)
+    _WORKER["context"] = pickle.loads(context_bytes)
+
+
+def _run_in_worker(fn: Callable[[Any, Any], Any], index: int, item: Any) -> Done:
+    return _call(fn, _WORKER["context"], index, item)
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:
+        return 0
+
+
+class ProcessExecutor(Executor):
+    """A pool of ``workers`` spawned processes (default: one per core), kept across rounds.
+
+    Each worker limits torch to ``threads`` intra-op threads, so N workers use N cores
+    without oversubscription. The context is pickled once per worker by the initializer.
+    """
+
+    def __init__(self, workers: int | None = None, threads: int = 1, gpus: int | None = None) -> None:
+        self.workers = workers or os.cpu_count() or 1
+        self.threads = threads
+        self.gpus = _gpu_count() if gpus is None else gpus
+        self._pool: ProcessPoolExecutor | None = None
+        self._context_id: int | None = None
+
+    def _ensure_pool(self, context: Any) -> ProcessPoolExecutor:
+        if self._pool is not None and self._context_id == id(context):
+            return self._pool
+        self.close()
+        ctx = mp.get_context("spawn")  # fork is unsafe once torch has started its thread pools
+        slots = ctx.SimpleQueue()
+        for i in range(self.workers):
+            slots.put(i)
+        self._pool = ProcessPoolExecutor(
+            self.workers, mp_context=ctx, initializer=_init_worker,
+            initargs=(pickle.dumps(context), self.threads, slots, self.gpus),
+        )
+        self._context_id = id(context)
+        return self._pool
+
+    def map_unordered(self, fn, context, items):
+        pool = self._ensure_pool(context)
+        futures: dict[Future, int] = {pool.submit(_run_in_worker, fn, i, item): i for i, item in enumerate(items)}
+        broken = False
+        while futures:
+            finished, _ = wait(futures, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                index = futures.pop(fut)
+                try:
+                    yield fut.result()
+                except BrokenProcessPool:
+                    broken = True
+                    yield Done(index, error="worker process died", lost=True)
+        if broken:
+            self.close()  # a dead worker breaks the whole pool: start a fresh one next round
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool, self._context_id = None, None
+
+
+# ----------------------------------------------------------------------------- ray
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ValueError(
+            "executor 'ray' needs Ray: pip install 'bitwidth[ray]' (or pip install ray)"
+        ) from None
+    return ray
+
+
+class RayExecutor(Executor):
+    """Trials on Ray actors: one actor per worker holds the context, fetched once.
+
+    ``address``: ``"local"`` starts a private Ray instance on this machine, ``"auto"``
+    joins the cluster this machine belongs to, ``"ray://host:10001"`` connects a client.
+    ``gpus_per_trial`` defaults to 1 when the cluster has GPUs (one trial per GPU).
+    """
+
+    def __init__(self, workers: int | None = None, address: str = "local", threads: int = 1,
+                 gpus_per_trial: float | None = None) -> None:
+        self.ray = _import_ray()
+        self.address = address
+        self.threads = threads
+        self._workers = workers
+        self.gpus_per_trial = gpus_per_trial
+        self._actors: list[Any] = []
+        self._context_id: int | None = None
+        self._started_here = False
+
+    @property
+    def workers(self) -> int:  # type: ignore[override]
+        if self._workers:
+            return self._workers
+        self._init_ray()
+        return max(1, int(self.ray.cluster_resources().get("CPU", 1)))
+
+    def _init_ray(self) -> None:
+        ray = self.ray
+        if ray.is_initialized():
+            return
+        if self.address == "local":
+            # Local workers see the driver's import path, so user task modules import there too.
+            env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
+            ray.init(num_cpus=self._workers or os.cpu_count(), include_dashboard=False,
+                     log_to_driver=False, configure_logging=False, runtime_env=env)
+        else:
+            ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+        self._started_here = True
+
+    def _new_actor(self, context_ref: Any) -> Any:
+        gpus = self.gpus_per_trial
+        if gpus is None:
+            gpus = 1 if self.ray.cluster_resources().get("GPU", 0) else 0
+        return _ray_worker_class(self.ray).options(num_cpus=self.threads, num_gpus=gpus).remote(
+            context_ref, self.threads
+        )
+
+    def _ensure_actors(self, context: Any) -> None:
+        if self._actors and self._context_id == id(context):
+            return
+        self._init_ray()
+        self._kill_actors()
+        self._context_ref = self.ray.put(context)  # into the object store once
+        self._actors = [self._new_actor(self._context_ref) for _ in range(self.workers)]
+        self._context_id = id(context)
+
+    def map_unordered(self, fn, context, items):
+        ray = self.ray
+        self._ensure_actors(context)
+        pending = list(enumerate(items))[::-1]
+        idle = list(self._actors)
+        running: dict[Any, tuple[int, Any]] = {}
+        while pending or running:
+            while pending and idle:
+                index, item = pending.pop()
+                actor = idle.pop()
+                running[actor.run.remote(fn, index, item)] = (index, actor)
+            ready, _ = ray.wait(list(running), num_returns=1)
+            index, actor = running.pop(ready[0])
+            try:
+                yield ray.get(ready[0])
+                idle.append(actor)
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                    ray.exceptions.NodeDiedError) as err:
+                yield Done(index, error=f"ray worker lost: {type(err).__name__}", lost=True)
+                fresh = self._new_actor(self._context_ref)
+                self._actors = [fresh if a is actor else a for a in self._actors]
+                idle.append(fresh)
+
+    def _kill_actors(self) -> None:
+        for actor in self._actors:
+            self.ray.kill(actor)
+        self._actors, self._context_id = [], None
+
+    def close(self) -> None:
+        if self.ray.is_initialized():
+            self._kill_actors()
+            if self._started_here:
+                self.ray.shutdown()
+                self._started_here = False
+
+
+_RAY_WORKER: list[Any] = []
+
+
+def _ray_worker_class(ray: Any) -> Any:
+    """The actor class, defined once Ray is imported (Ray stays an optional dependency)."""
+    if not _RAY_WORKER:
+
+        @ray.remote
+        class TrialWorker:
+            def __init__(self, context: Any, threads: int) -> None:
+                import torch
+
+                torch.set_num_threads(threads)
+                self.context = context
+
+            def run(self, fn: Callable[[Any, Any], Any], index: int, item: Any) -> Done:
+                return _call(fn, self.context, index, item)
+
+        _RAY_WORKER.append(TrialWorker)
+    return _RAY_WORKER[0]
+
+
+def make_executor(kind: str = "local", *, workers: int | None = None, address: str = "local",
+                  threads: int = 1) -> Executor:
+    """An executor by name: ``local`` (serial), ``process`` (local cores) or ``ray``.
+
+    >>> make_executor("process", workers=2).workers
+    2
+    """
+    if kind == "local":
+        return LocalExecutor()
+    if kind == "process":
+        return ProcessExecutor(workers, threads=threads)
+    if kind == "ray":
+        return RayExecutor(workers, address=address, threads=threads)
+    raise ValueError(f"unknown executor {kind!r}; allowed: {', '.join(EXECUTORS)}")
