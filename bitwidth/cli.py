@@ -1,0 +1,299 @@
+"""The ``bitwidth`` command line: run, validate, report, stats, formats.
+
+Exit codes: 0 done; 2 bad usage or config (one clear message, no traceback); 1 a
+failure at run time (message plus the log's path); 130 interrupted (the run resumes
+from its trial store when started again).
+
+>>> main(["formats", "--names", "int4", "e4m3"])  # doctest: +NORMALIZE_WHITESPACE
+name  bits  type   max          smallest step
+int4     4  int    7 x scale    1 x scale
+e4m3     8  float  448          0.00195312
+0
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import __version__
+from .config import Config, ConfigError, config_to_yaml, load_config
+
+__all__ = ["main"]
+
+log = logging.getLogger("bitwidth")
+
+EXAMPLE_FORMATS = ["int2", "int4", "int8", "uint8", "int16", "fixed8_4", "fixed16_8", "fixed16_12",
+                   "e2m1", "e2m3", "e3m2", "e3m4", "e4m3", "e5m2", "fp16", "bf16"]
+
+
+class UsageError(Exception):
+    """Bad input found after parsing: exit code 2 with this message."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bitwidth", description="How few bits can each layer use?")
+    p.add_argument("--version", action="version", version=f"bitwidth {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def config_cmd(name: str, help_: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help_, description=help_)
+        c.add_argument("config", help="experiment config (YAML)")
+        c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set search.strategy=grid (repeatable)")
+        c.add_argument("--out", help="run directory (default: the config's `out`, else runs/<name>)")
+        c.add_argument("--quiet", action="store_true", help="no progress bars")
+        return c
+
+    run = config_cmd("run", "run an experiment config into a run directory (resumes by default)")
+    run.add_argument("--fresh", action="store_true", help="discard stored trials and the baseline first")
+    config_cmd("stats", "record weight/activation/gradient distributions of the baseline, with plots")
+    val = sub.add_parser("validate", help="check a config and report every problem at once")
+    val.add_argument("config")
+    val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    rep = sub.add_parser("report", help="rebuild report and plots from a run directory (runs nothing)")
+    rep.add_argument("run_dir")
+    fmt = sub.add_parser("formats", help="list format names with bit width, range and smallest step")
+    fmt.add_argument("--names", nargs="*", default=None, help="formats to describe (default: common ones)")
+    return p
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _cmd_formats(names: Sequence[str] | None) -> int:
+    from .formats import FloatFormat, IntFormat, parse_format
+
+    rows = []
+    for name in names or EXAMPLE_FORMATS:
+        try:
+            fmt = parse_format(name)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        if fmt is None:
+            rows.append((name, "32", "float", "3.40282e+38", "1.4013e-45"))
+        elif isinstance(fmt, IntFormat):
+            rows.append((fmt.name, str(fmt.bits), fmt.kind_name, f"{fmt.qmax} x scale", "1 x scale"))
+        else:
+            kind = "float" if isinstance(fmt, FloatFormat) else "fixed"
+            rows.append((fmt.name, str(fmt.bits), kind, f"{fmt.max_value:g}", f"{fmt.step:g}"))
+    header = ("name", "bits", "type", "max", "smallest step")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+    for r in [header, *rows]:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:<{widths[3]}}  {r[4]}")
+    return 0
+
+
+def _cmd_validate(path: str, overrides: list[str]) -> int:
+    cfg = load_config(path, overrides)
+    s = cfg.search
+    print(f"{path}: ok — {cfg.mode} on {cfg.task.model}@{cfg.task.data}, {s.family} {s.candidates}, "
+          f"kinds {', '.join(s.kinds)}, strategy {s.strategy}, criterion {cfg.criterion.name}, "
+          f"executor {cfg.executor.kind}, run dir {cfg.run_dir}")
+    return 0
+
+
+def _setup_run_dir(cfg: Config, out: str | None, fresh: bool) -> Path:
+    run_dir = Path(out) if out else cfg.run_dir
+    if fresh and run_dir.exists():
+        for name in ("trials.jsonl", "baseline.pt"):
+            (run_dir / name).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    handler = logging.FileHandler(run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return run_dir
+
+
+def _task(cfg: Config) -> Any:
+    from .tasks import make_task
+
+    return make_task(cfg.task.model, cfg.task.data, **cfg.task.options)
+
+
+def _trial_options(cfg: Config) -> Any:
+    from .trial import TrialOptions
+
+    return TrialOptions(mode=cfg.mode, seed=cfg.seeds[0], **cfg.train.model_dump())
+
+
+def _record_stats(cfg: Config, task: Any, run_dir: Path) -> None:
+    """Distributions of the trained baseline (first seed) into stats.pt / stats.csv."""
+    import torch
+
+    from .stats import record
+    from .trial import train_baseline
+
+    options = _trial_options(cfg)
+    baseline = train_baseline(task, options, cache_dir=run_dir)
+    model = task.build_model(options.seed)
+    model.load_state_dict(baseline.state_dict)
+    loss_fn = getattr(task, "loss_fn", torch.nn.functional.cross_entropy)
+    kinds = cfg.stats.kinds or cfg.search.kinds
+    with record(model, layers=cfg.search.layers, kinds=kinds, seed=options.seed) as rec:
+        for x, y in task.calib_batches(cfg.stats.batches):
+            model.zero_grad()
+            loss_fn(model(x), y).backward()
+    rec.save(run_dir / "stats.pt")
+    rec.to_frame().to_csv(run_dir / "stats.csv", index=False)
+    log.info("recorded statistics of %d (layer, kind) pairs", len(rec.to_frame()))
+
+
+class _Progress:
+    """tqdm bar over trials with an ETA; silent when not a terminal or with --quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=0, unit="trial", disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
+        self.phase = ""
+
+    def __call__(self, event: Any) -> None:
+        if event.phase != self.phase:
+            self.phase = event.phase
+            self.bar.set_description(event.phase)
+            log.info("%s: %s", event.phase, event.message)
+        done = event.trials_run + event.trials_reused
+        if done > self.bar.n:
+            self.bar.total = max(self.bar.total or 0, done)
+            self.bar.update(done - self.bar.n)
+        self.bar.set_postfix_str(f"run {event.trials_run}, reused {event.trials_reused}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _meta(cfg: Config, run_dir: Path, wall: float, result: Any) -> None:
+    import torch
+
+    counts = result.summary.get("counts", {}) if result is not None else {}
+    meta = {
+        "bitwidth": __version__, "torch": torch.__version__, "python": platform.python_version(),
+        "platform": platform.platform(), "device": cfg.train.device,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "threads": torch.get_num_threads(), "executor": cfg.executor.model_dump(), "seeds": cfg.seeds,
+        "wall_time_s": round(wall, 2), "trials_run": counts.get("trials_run"),
+        "trials_reused": counts.get("trials_reused"), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    (run_dir / "meta.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .executors import make_executor
+    from .report import write_report
+    from .runner import run_search
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = _setup_run_dir(cfg, args.out, args.fresh)
+    start = time.perf_counter()
+    log.info("bitwidth %s: run %s into %s", __version__, args.config, run_dir)
+    task = _task(cfg)
+    if cfg.stats.enabled:
+        _record_stats(cfg, task, run_dir)
+    progress = _Progress(args.quiet)
+    ex = cfg.executor
+    try:
+        with make_executor(ex.kind, workers=ex.workers, address=ex.address, threads=ex.threads) as executor:
+            result = run_search(
+                task, mode=cfg.mode, layers=cfg.search.layers, kinds=tuple(cfg.search.kinds),
+                family=cfg.search.family, family_options=cfg.search.options, candidates=cfg.search.candidates,
+                criterion=_criterion(cfg), strategy=cfg.search.strategy, trial_options=_trial_options(cfg),
+                seeds=cfg.seeds, run_dir=run_dir, executor=executor, progress=progress,
+            )
+    finally:
+        progress.close()
+    _meta(cfg, run_dir, time.perf_counter() - start, result)
+    paths = write_report(run_dir)
+    _print_answer(result, run_dir, paths)
+    log.info("done in %.1f s", time.perf_counter() - start)
+    return 0
+
+
+def _criterion(cfg: Config) -> Any:
+    from .criteria import make_criterion
+
+    c = cfg.criterion
+    if c.name == "accuracy":
+        return make_criterion("accuracy", max_drop=c.max_drop, relative=c.relative, metric=c.metric)
+    return make_criterion("converge", max_drop=c.max_drop, loss_tol=c.loss_tol, metric=c.metric)
+
+
+def _print_answer(result: Any, run_dir: Path, paths: dict[str, Path]) -> None:
+    table = result.min_bits[["layer", "kind", "min_bits"]].pivot(index="layer", columns="kind", values="min_bits")
+    print(table.to_string())
+    joint = result.summary.get("joint", {})
+    uni = result.summary.get("uniform", {})
+    print(f"joint plan: {'passes' if joint.get('passed') else 'FAILS'} with metric {joint.get('metric')}; "
+          f"best uniform width: {uni.get('bits')}")
+    print(f"report: {paths.get('html', run_dir / 'report.html')}")
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = _setup_run_dir(cfg, args.out, fresh=False)
+    _record_stats(cfg, _task(cfg), run_dir)
+    paths = write_report(run_dir)
+    print(f"statistics: {run_dir / 'stats.csv'}; report: {paths.get('html', run_dir / 'report.html')}")
+    return 0
+
+
+def _cmd_report(run_dir: str) -> int:
+    from .report import write_report
+
+    path = Path(run_dir)
+    if not (path / "summary.yaml").exists() and not (path / "stats.pt").exists():
+        raise UsageError(f"{run_dir}: not a run directory (no summary.yaml or stats.pt); run `bitwidth run` first")
+    paths = write_report(path)
+    print(f"report: {paths.get('html', path / 'report.html')}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``bitwidth`` and ``python -m bitwidth``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "formats":
+            return _cmd_formats(args.names)
+        if args.command == "validate":
+            return _cmd_validate(args.config, args.overrides)
+        if args.command == "report":
+            return _cmd_report(args.run_dir)
+        if args.command == "stats":
+            return _cmd_stats(args)
+        return _cmd_run(args)
+    except (ConfigError, UsageError, ValueError) as err:
+        # Bad configs, names and layer patterns all surface as ValueError: usage, not a crash.
+        print(f"bitwidth: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bitwidth: interrupted; finished trials are stored, run the same command to resume",
+              file=sys.stderr)
+        return 130
+    except Exception as err:  # a failure at run time: short message, details in the log
+        log.exception("run failed")
+        where = next((h.baseFilename for h in log.handlers if isinstance(h, logging.FileHandler)), None)
+        print(f"bitwidth: failed: {type(err).__name__}: {err}" + (f" (details: {where})" if where else ""),
+              file=sys.stderr)
+        return 1
+    finally:
+        for h in list(log.handlers):
+            if isinstance(h, logging.FileHandler):
+                log.removeHandler(h)
+                h.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
