@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .config import Config, ConfigError, config_to_yaml, load_config
+from .config import Config, ConfigError, config_to_yaml, load_config, variant_configs
 
 __all__ = ["main"]
 
@@ -101,18 +101,30 @@ def _cmd_validate(path: str, overrides: list[str]) -> int:
     return 0
 
 
-def _setup_run_dir(cfg: Config, out: str | None, fresh: bool) -> Path:
-    run_dir = Path(out) if out else cfg.run_dir
+def _setup_run_dir(cfg: Config, run_dir: Path, fresh: bool) -> Path:
     if fresh and run_dir.exists():
         for name in ("trials.jsonl", "baseline.pt"):
             (run_dir / name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    _log_to(run_dir)
+    return run_dir
+
+
+def _log_to(run_dir: Path) -> None:
+    """Send the log to ``run_dir/run.log`` (only there: one log file per run directory)."""
+    _close_logs()
     handler = logging.FileHandler(run_dir / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    return run_dir
+
+
+def _close_logs() -> None:
+    for h in list(log.handlers):
+        if isinstance(h, logging.FileHandler):
+            log.removeHandler(h)
+            h.close()
 
 
 def _task(cfg: Config) -> Any:
@@ -178,7 +190,7 @@ def _meta(cfg: Config, run_dir: Path, wall: float, result: Any) -> None:
 
     counts = result.summary.get("counts", {}) if result is not None else {}
     meta = {
-        "bitwidth": __version__, "torch": torch.__version__, "python": platform.python_version(),
+        "bitwidth": __version__, "torch": str(torch.__version__), "python": platform.python_version(),
         "platform": platform.platform(), "device": cfg.train.device,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "threads": torch.get_num_threads(), "executor": cfg.executor.model_dump(), "seeds": cfg.seeds,
@@ -189,14 +201,35 @@ def _meta(cfg: Config, run_dir: Path, wall: float, result: Any) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.out:
+        cfg.out = args.out
+    if not cfg.variants:
+        result, paths = _run_one(cfg, cfg.run_dir, args)
+        _print_answer(result, paths)
+        return 0
+    from .report.compare import write_comparison
+
+    results = {}
+    for name, variant in variant_configs(cfg).items():
+        print(f"== variant {name}: {variant.run_dir}")
+        results[name], paths = _run_one(variant, variant.run_dir, args)
+        _print_answer(results[name], paths)
+    _log_to(cfg.run_dir)
+    (cfg.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    paths = write_comparison(cfg.run_dir, list(results))
+    print(f"comparison of {', '.join(results)}: {paths['html']}")
+    return 0
+
+
+def _run_one(cfg: Config, run_dir: Path, args: argparse.Namespace) -> tuple[Any, dict[str, Path]]:
     from .executors import make_executor
     from .report import write_report
     from .runner import run_search
 
-    cfg = load_config(args.config, args.overrides)
-    run_dir = _setup_run_dir(cfg, args.out, args.fresh)
+    _setup_run_dir(cfg, run_dir, args.fresh)
     start = time.perf_counter()
-    log.info("bitwidth %s: run %s into %s", __version__, args.config, run_dir)
+    log.info("bitwidth %s: run %s (%s) into %s", __version__, args.config, cfg.run_name, run_dir)
     task = _task(cfg)
     if cfg.stats.enabled:
         _record_stats(cfg, task, run_dir)
@@ -214,9 +247,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         progress.close()
     _meta(cfg, run_dir, time.perf_counter() - start, result)
     paths = write_report(run_dir)
-    _print_answer(result, run_dir, paths)
     log.info("done in %.1f s", time.perf_counter() - start)
-    return 0
+    return result, paths
 
 
 def _criterion(cfg: Config) -> Any:
@@ -228,24 +260,24 @@ def _criterion(cfg: Config) -> Any:
     return make_criterion("converge", max_drop=c.max_drop, loss_tol=c.loss_tol, metric=c.metric)
 
 
-def _print_answer(result: Any, run_dir: Path, paths: dict[str, Path]) -> None:
+def _print_answer(result: Any, paths: dict[str, Path]) -> None:
     table = result.min_bits[["layer", "kind", "min_bits"]].pivot(index="layer", columns="kind", values="min_bits")
     print(table.to_string())
     joint = result.summary.get("joint", {})
     uni = result.summary.get("uniform", {})
     print(f"joint plan: {'passes' if joint.get('passed') else 'FAILS'} with metric {joint.get('metric')}; "
           f"best uniform width: {uni.get('bits')}")
-    print(f"report: {paths.get('html', run_dir / 'report.html')}")
+    print(f"report: {paths['html']}")
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     from .report import write_report
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = _setup_run_dir(cfg, args.out, fresh=False)
+    run_dir = _setup_run_dir(cfg, Path(args.out) if args.out else cfg.run_dir, fresh=False)
     _record_stats(cfg, _task(cfg), run_dir)
     paths = write_report(run_dir)
-    print(f"statistics: {run_dir / 'stats.csv'}; report: {paths.get('html', run_dir / 'report.html')}")
+    print(f"statistics: {run_dir / 'stats.csv'}; report: {paths['html']}")
     return 0
 
 
@@ -253,10 +285,18 @@ def _cmd_report(run_dir: str) -> int:
     from .report import write_report
 
     path = Path(run_dir)
-    if not (path / "summary.yaml").exists() and not (path / "stats.pt").exists():
+    if (path / "variants.yaml").exists():
+        from .report.compare import write_comparison
+
+        names = yaml.safe_load((path / "variants.yaml").read_text())
+        for name in names:
+            write_report(path / name)
+        paths = write_comparison(path, names)
+    elif (path / "summary.yaml").exists() or (path / "stats.pt").exists():
+        paths = write_report(path)
+    else:
         raise UsageError(f"{run_dir}: not a run directory (no summary.yaml or stats.pt); run `bitwidth run` first")
-    paths = write_report(path)
-    print(f"report: {paths.get('html', path / 'report.html')}")
+    print(f"report: {paths['html']}")
     return 0
 
 
@@ -288,10 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     finally:
-        for h in list(log.handlers):
-            if isinstance(h, logging.FileHandler):
-                log.removeHandler(h)
-                h.close()
+        _close_logs()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ validated the same way.
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-__all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "config_to_yaml"]
+__all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "config_to_yaml", "variant_configs"]
 
 KIND_NAMES = ("weight", "activation", "gradient")
 
@@ -132,6 +133,9 @@ class Config(_Section):
     criterion: CriterionConfig = Field(default_factory=CriterionConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
+    # Named variants of this config (dotted key -> value), each run into <run dir>/<name>
+    # and compared side by side, e.g. nearest vs stochastic rounding.
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("seeds")
     @classmethod
@@ -259,14 +263,48 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError([f"the top level must be a mapping of keys, found {type(raw).__name__}"], source)
         raw.setdefault("name", p.stem)
     raw = apply_overrides(raw, list(overrides or []))
-    errors = _semantic_errors(raw)
-    try:
-        cfg = Config.model_validate(raw)
-    except ValidationError as err:
-        errors = [_explain(e) for e in err.errors()] + errors
+    cfg, errors = _validate(raw)
+    variants = raw.get("variants") if isinstance(raw.get("variants"), dict) else {}
+    for name, changes in variants.items():
+        if not isinstance(changes, dict) or not changes:
+            errors.append(f"variants.{name}: a variant maps config keys to values, e.g. search.options.rounding: nearest")
+            continue
+        _, variant_errors = _validate(_variant_raw(raw, name, changes))
+        errors += [f"variants.{name}: {e}" for e in variant_errors]
     if errors:
         raise ConfigError(errors, source)
+    assert cfg is not None
     return cfg
+
+
+def _validate(raw: dict[str, Any]) -> tuple[Config | None, list[str]]:
+    errors = _semantic_errors(raw)
+    try:
+        return Config.model_validate(raw), errors
+    except ValidationError as err:
+        return None, [_explain(e) for e in err.errors()] + errors
+
+
+def _variant_raw(raw: dict[str, Any], name: str, changes: dict[str, Any]) -> dict[str, Any]:
+    variant = copy.deepcopy({k: v for k, v in raw.items() if k != "variants"})
+    for key, value in changes.items():
+        _set_path(variant, str(key), copy.deepcopy(value))
+    base = Config.model_fields["out"].default if raw.get("out") is None else raw["out"]
+    variant["out"] = str(Path(base or Path("runs") / str(raw.get("name") or "run")) / name)
+    variant["name"] = f"{raw.get('name') or 'run'}-{name}"
+    return variant
+
+
+def variant_configs(cfg: Config) -> dict[str, Config]:
+    """Each named variant as a complete config whose run directory is ``<run dir>/<name>``.
+
+    >>> cfg = load_config(None, ["name=study", "variants={a: {search.strategy: grid}}"])
+    >>> v = variant_configs(cfg)["a"]
+    >>> v.search.strategy, str(v.run_dir)
+    ('grid', 'runs/study/a')
+    """
+    raw = cfg.model_dump(mode="json")
+    return {name: Config.model_validate(_variant_raw(raw, name, changes)) for name, changes in cfg.variants.items()}
 
 
 def config_to_yaml(cfg: Config) -> str:
