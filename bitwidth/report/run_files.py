@@ -1,0 +1,108 @@
+"""What a run directory holds, read from disk: nothing is trained or evaluated.
+
+:func:`load_run` collects the search result (``SearchResult`` files), the trial store
+(``trials.jsonl``, read-only), ``config.yaml``, ``meta.yaml``, recorded statistics
+(``stats.pt``, else ``stats.csv``) and, in training mode, the fp32 baseline's curves.
+Each part is None (or empty) when its file is absent, so a report can say what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from ..result import RESULT_FILES, SearchResult
+
+__all__ = ["RunFiles", "load_run"]
+
+
+@dataclass
+class RunFiles:
+    """Everything of a run directory the report uses; each part is None when its file is absent."""
+
+    path: Path
+    result: SearchResult | None = None
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    config: dict[str, Any] | None = None
+    meta: dict[str, Any] | None = None
+    recorder: Any = None
+    stats: pd.DataFrame | None = None
+    baseline_curves: list[dict[str, list[float]]] = field(default_factory=list)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.result.summary if self.result is not None else {}
+
+    @property
+    def search_config(self) -> dict[str, Any]:
+        return self.summary.get("config", {})
+
+    @property
+    def mode(self) -> str | None:
+        return self.search_config.get("mode") or (self.config or {}).get("mode")
+
+
+def _yaml(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    return data if isinstance(data, dict) else None
+
+
+def _records(path: Path) -> dict[str, dict[str, Any]]:
+    """trials.jsonl read-only: a run still writing it may have a cut last line, which is skipped."""
+    out: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return out
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+            out[entry["key"]] = entry["record"]
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def _baseline_curves(path: Path) -> list[dict[str, list[float]]]:
+    if not path.exists():
+        return []
+    import torch
+
+    try:
+        entries = torch.load(path, weights_only=True)
+    except Exception:  # a cache the report cannot read only costs the reference curve
+        return []
+    return [{"seed": json.loads(e["key"]).get("seed"), "loss_curve": list(e.get("loss_curve", [])),
+             "val_curve": list(e.get("val_curve", []))} for e in entries.values()] if isinstance(entries, dict) else []
+
+
+def load_run(run_dir: str | Path) -> RunFiles:
+    """Read a run directory: result files, trial store, config, meta, recorded statistics.
+
+    >>> import tempfile
+    >>> load_run(tempfile.mkdtemp()).result is None
+    True
+    """
+    path = Path(run_dir)
+    run = RunFiles(path)
+    if all((path / name).exists() for name in RESULT_FILES):
+        run.result = SearchResult.load(path)
+    run.records = _records(path / "trials.jsonl")
+    run.config = _yaml(path / "config.yaml")
+    run.meta = _yaml(path / "meta.yaml")
+    if (path / "stats.pt").exists():
+        from ..stats import Recorder
+
+        run.recorder = Recorder.load(path / "stats.pt")
+        run.stats = run.recorder.to_frame()
+    elif (path / "stats.csv").exists():
+        run.stats = pd.read_csv(path / "stats.csv")
+    if run.mode == "train":
+        run.baseline_curves = _baseline_curves(path / "baseline.pt")
+    return run
