@@ -149,8 +149,14 @@ class ProcessExecutor(Executor):
 
     def map_unordered(self, fn, context, items):
         pool = self._ensure_pool(context)
-        futures: dict[Future, int] = {pool.submit(_run_in_worker, fn, i, item): i for i, item in enumerate(items)}
+        futures: dict[Future, int] = {}
         broken = False
+        for i, item in enumerate(items):
+            try:
+                futures[pool.submit(_run_in_worker, fn, i, item)] = i
+            except BrokenProcessPool:  # a worker died while the round was still being submitted
+                broken = True
+                yield Done(i, error="worker process died", lost=True)
         while futures:
             finished, _ = wait(futures, return_when=FIRST_COMPLETED)
             for fut in finished:

@@ -1,7 +1,21 @@
 """Test-wide settings."""
 
+import pytest
 import torch
 
 # The suite's models are tiny: one intra-op thread is faster than several on a shared
 # 2-core machine, and makes CPU results independent of the machine's core count.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance (2 CPUs, no dashboard) for every Ray test: starting one costs ~10 s."""
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'bitwidth[ray]')")
+    import os
+    import sys
+
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, runtime_env=env)
+    yield ray
+    ray.shutdown()

@@ -58,7 +58,7 @@ NO_RAY = importlib.util.find_spec("ray") is None
 
 
 @pytest.mark.skipif(NO_RAY, reason="ray is not installed (pip install 'bitwidth[ray]')")
-def test_ray_matches_local_and_survives_a_dead_actor():
+def test_ray_matches_local_and_survives_a_dead_actor(ray_local):
     from bitwidth.executors import RayExecutor
 
     items = list(range(6))
