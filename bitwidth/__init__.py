@@ -6,6 +6,7 @@
 """
 
 from .formats import FixedFormat, FloatFormat, Format, IntFormat, format_from_dict, format_to_dict, parse_format
+from .stats import Recorder, analyze, record
 from .wrap import (
     QuantSpec,
     calibrate,
@@ -40,4 +41,7 @@ __all__ = [
     "quant_layers",
     "plan_to_dict",
     "plan_from_dict",
+    "record",
+    "Recorder",
+    "analyze",
 ]

@@ -77,6 +77,12 @@ def plot_log2_hist(hist: pd.DataFrame, formats: Sequence[str | Format | tuple[st
     saturates. Integer formats take their scale from each panel's recorded range;
     ``(family, n)`` pairs are made per panel as the search makes them
     (:func:`~bitwidth.stats_analysis.resolve_format`).
+
+    >>> hist = pd.DataFrame({"layer": ["fc"], "kind": ["gradient"], "lo": [2.0**-12], "hi": [2.0**-12 * 1.125],
+    ...                      "n": [5], "min": [-3e-4], "max": [3e-4], "zeros": [5], "count": [10]})
+    >>> ax = plot_log2_hist(hist, [("fixed", 8)]).axes[0]
+    >>> ax.get_title(), ax.texts[0].get_text()
+    ('fc · gradient', 'zeros 50%')
     """
     specs = list(formats)
     for spec in specs:  # bad names fail here, before any drawing
@@ -245,6 +251,14 @@ def report_figures(recorder: Any, *, family: str | None = None,
     Raw data of the first snapshot, with the formats of ``family`` (default ``int``) at
     the smallest and largest of ``candidates`` (default 2..8), plus the drift of absmax
     when the recorder holds several snapshots.
+
+    >>> import torch
+    >>> from bitwidth.stats import record
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    >>> with record(model) as rec:
+    ...     model(torch.randn(8, 4)).sum().backward()
+    >>> [name for name, fig, caption in report_figures(rec, family="fixed", candidates=[4, 8])]
+    ['stats_log2_hist', 'stats_sqnr']
     """
     family = family or "int"
     cands = sorted(set(candidates)) or list(range(2, 9))

@@ -1,0 +1,225 @@
+"""Streaming statistics of one tensor stream: the accumulator behind :mod:`bitwidth.stats`.
+
+A :class:`StreamStats` merges batch after batch into running moments, extremes, a
+histogram of |x| with 8 bins per octave and a bounded uniform reservoir sample, in
+memory that does not depend on how many values it has seen.
+
+>>> s = StreamStats(sample_size=4, seed=[0])
+>>> s.add(torch.tensor([0.0, 1.0, -2.0, float("nan")]))
+>>> s.flush()
+>>> {k: s.summary()[k] for k in ("count", "absmax", "zero_frac", "nan_count")}
+{'count': 3, 'absmax': 2.0, 'zero_frac': 0.3333333333333333, 'nan_count': 1}
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["StreamStats", "hist_edges", "PERCENTILES", "STAT_COLUMNS"]
+
+PERCENTILES = (99.0, 99.9, 99.99)
+STAT_COLUMNS = (
+    "count", "min", "max", "absmax", "mean", "std", "kurtosis", "zero_frac",
+    "nan_count", "inf_count", "p99", "p999", "p9999",
+)
+# Histogram bins are float32 bit patterns: 8-bit exponent + top 3 mantissa bits, i.e. 8
+# bins per octave over every finite float32 magnitude, found with one shift, no log2.
+_SHIFT = 20
+_NBINS = 255 << 3
+_EDGES = (np.arange(_NBINS + 1, dtype=np.uint32) << _SHIFT).view(np.float32).astype(np.float64)
+_HUGE = 10**9  # numpy's hypergeometric sampler refuses populations from here on
+_DIRECT = 1 << 16  # batches of at least this many values are merged at once, smaller ones pooled
+
+
+def hist_edges() -> np.ndarray:
+    """Edges of the |x| histogram bins (2041 values from 0 to inf, 8 bins per octave).
+
+    >>> hist_edges()[[1016, 1017, 1024]].tolist()
+    [1.0, 1.125, 2.0]
+    """
+    return _EDGES.copy()
+
+
+class StreamStats:
+    """Running statistics of one (layer, kind, quantized, step), merged batch by batch."""
+
+    __slots__ = ("count", "nan", "inf", "zeros", "min", "max", "mean", "m2", "m3", "m4",
+                 "hist", "sample", "seen", "k", "seed", "rng", "buf", "buf_n")
+
+    def __init__(self, sample_size: int, seed: Sequence[int]) -> None:
+        self.count = self.nan = self.inf = self.zeros = self.seen = 0
+        self.min, self.max = math.inf, -math.inf
+        self.mean = self.m2 = self.m3 = self.m4 = 0.0
+        self.hist: Tensor | None = None
+        self.sample = torch.empty(0)
+        self.buf: Tensor | None = None  # pooled small batches, (up to _DIRECT,)
+        self.buf_n = 0
+        self.k = sample_size
+        self.seed = list(seed)
+        self.rng: np.random.Generator | None = None  # made when the sample first overflows: cheap streams
+
+    def add(self, x: Tensor, pool: bool = True) -> None:
+        """Merge a batch in; small ones are pooled in a buffer and merged together."""
+        x = x.detach()  # every op below then runs without autograd (cheaper than no_grad())
+        n = x.numel()
+        if n >= _DIRECT or not pool:
+            self._update(x.reshape(-1).float())
+            return
+        # Each merge costs ~15 tensor ops whatever the size, so small batches (tiny
+        # models) are pooled first. The copy is needed anyway: the caller may change
+        # its tensor in place later (a residual ``out += x``, reused gradient buffers).
+        if self.buf is not None and (self.buf.device != x.device or self.buf_n + n > _DIRECT):
+            self.flush()
+        if self.buf is None or self.buf.device != x.device or len(self.buf) < self.buf_n + n:
+            # Grow geometrically up to _DIRECT: a stream that only ever sees a few values
+            # keeps a small buffer.
+            grown = torch.empty(min(_DIRECT, max(4096, 2 * (self.buf_n + n))), device=x.device)
+            if self.buf_n:
+                grown[:self.buf_n].copy_(self.buf[:self.buf_n])  # type: ignore[index]
+            self.buf = grown
+        self.buf[self.buf_n:self.buf_n + n].copy_(x.reshape(-1))
+        self.buf_n += n
+
+    def flush(self, release: bool = False) -> None:
+        """Merge the buffered batches; ``release`` also frees the buffer."""
+        if self.buf_n:
+            n, self.buf_n = self.buf_n, 0
+            self._update(self.buf[:n])  # type: ignore[index]
+        if release:
+            self.buf = None
+
+    def _update(self, x: Tensor) -> None:
+        total = float(x.sum())
+        if not math.isfinite(total):
+            # Only batches holding NaN/Inf (or overflowing float32) take this path; the
+            # non-finite values are counted here and left out of every other figure.
+            finite = torch.isfinite(x)
+            nan = int(torch.isnan(x).sum())
+            self.nan += nan
+            self.inf += x.numel() - nan - int(finite.sum())
+            x = x[finite]
+            total = float(x.sum(dtype=torch.float64))
+        n = x.numel()
+        if n == 0:
+            return
+        mean = total / n
+        d = x - mean  # (n,) centred first, so the power sums do not cancel
+        d2 = d * d
+        s2 = d2.sum()  # cascade sums: torch.dot accumulates in float32 and drifts by 1e-3
+        s3 = d.mul_(d2).sum()
+        s4 = d2.mul_(d2).sum()
+        mn, mx = torch.aminmax(x)
+        lo, hi, m2, m3, m4 = torch.stack([mn, mx, s2, s3, s4]).tolist()  # one sync for five figures
+        self._merge(n, mean, m2, m3, m4)
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        codes = x.view(torch.int32) >> _SHIFT
+        codes.bitwise_and_(0x7FF)  # drop the sign: a histogram of |x|
+        h = torch.bincount(codes, minlength=2048)
+        self.hist = h if self.hist is None else self.hist.add_(h)
+        if int(h[0]):  # zeros all land in bin 0; count them only when it is occupied
+            self.zeros += n - int(x.bool().sum())
+        if self.k:
+            self._sample(x, n)
+
+    def _merge(self, nb: int, mb: float, m2b: float, m3b: float, m4b: float) -> None:
+        # Pairwise update of central moments (Pébay 2008): exact in exact arithmetic, and
+        # stable in floats because each batch is centred on its own mean first.
+        na = self.count
+        n = na + nb
+        d = mb - self.mean
+        self.m4 += (m4b + d**4 * na * nb * (na * na - na * nb + nb * nb) / n**3
+                    + 6 * d**2 * (na * na * m2b + nb * nb * self.m2) / n**2 + 4 * d * (na * m3b - nb * self.m3) / n)
+        self.m3 += m3b + d**3 * na * nb * (na - nb) / n**2 + 3 * d * (na * m2b - nb * self.m2) / n
+        self.m2 += m2b + d * d * na * nb / n
+        self.mean += d * nb / n
+        self.count = n
+
+    def _sample(self, x: Tensor, n: int) -> None:
+        k, seen = self.k, self.seen
+        self.seen = seen + n
+        if seen + n <= k:
+            self.sample = torch.cat([self.sample, x.cpu()])
+            return
+        if self.rng is None:
+            self.rng = np.random.default_rng(self.seed)
+        rng = self.rng
+        # A uniform sample of old + new data: how many of the k come from the new data is
+        # hypergeometric; they are drawn uniformly and replace uniformly chosen old ones.
+        if seen < _HUGE and n < _HUGE:
+            new = k - int(rng.hypergeometric(seen, n, k))
+        else:  # populations this large make the binomial indistinguishable
+            new = int(rng.binomial(k, n / (seen + n)))
+        new = min(max(new, k - seen), n)
+        if not new:
+            return
+        picked = x[torch.from_numpy(rng.choice(n, new, replace=False)).to(x.device)].cpu()
+        if len(self.sample) < k:  # the first time the sample fills up
+            keep = torch.from_numpy(rng.choice(len(self.sample), k - new, replace=False))
+            self.sample = torch.cat([self.sample[keep], picked])
+        else:
+            self.sample[torch.from_numpy(rng.choice(k, new, replace=False))] = picked
+
+    def histogram(self) -> np.ndarray:
+        """Counts of nonzero finite |x| per bin of :func:`hist_edges`."""
+        if self.hist is None:
+            return np.zeros(_NBINS, dtype=np.int64)
+        h = self.hist[:_NBINS].cpu().numpy().copy()
+        h[0] -= self.zeros  # zeros share bin 0 with the tiniest subnormals
+        return h
+
+    def summary(self) -> dict[str, float]:
+        c, nan = self.count, math.nan
+        row = {"count": c, "nan_count": self.nan, "inf_count": self.inf}
+        if c == 0:
+            return {**row, **{k: nan for k in STAT_COLUMNS if k not in row}}
+        absmax = max(-self.min, self.max)
+        pct = _abs_percentiles(self.histogram(), self.zeros, c, absmax, PERCENTILES)
+        return {
+            **row, "min": self.min, "max": self.max, "absmax": absmax, "mean": self.mean,
+            "std": math.sqrt(self.m2 / c), "kurtosis": c * self.m4 / self.m2**2 - 3 if self.m2 > 0 else nan,
+            "zero_frac": self.zeros / c, "p99": pct[0], "p999": pct[1], "p9999": pct[2],
+        }
+
+    def state(self) -> dict[str, Any]:
+        h = self.histogram()
+        nz = np.flatnonzero(h)
+        lo, hi = (int(nz[0]), int(nz[-1]) + 1) if nz.size else (0, 0)
+        fields = {s: getattr(self, s) for s in self.__slots__ if s not in _NOT_SAVED}
+        return {**fields, "hist_lo": lo, "hist": torch.from_numpy(h[lo:hi]), "sample": self.sample.clone()}
+
+    @classmethod
+    def from_state(cls, st: dict[str, Any]) -> StreamStats:
+        s = cls(st["k"], [0])
+        for name in cls.__slots__:
+            if name not in _NOT_SAVED:
+                setattr(s, name, st[name])
+        hist = torch.zeros(2048, dtype=torch.int64)
+        hist[st["hist_lo"]:st["hist_lo"] + len(st["hist"])] = st["hist"]
+        hist[0] += s.zeros
+        s.hist, s.sample = hist, st["sample"]
+        return s
+
+
+_NOT_SAVED = ("hist", "rng", "sample", "buf", "buf_n")
+
+
+def _abs_percentiles(hist: np.ndarray, zeros: int, count: int, absmax: float, qs: Iterable[float]) -> list[float]:
+    """Percentiles of |x| from the histogram, interpolated linearly inside the bin."""
+    cum = zeros + np.cumsum(hist)
+    out = []
+    for q in qs:
+        rank = q / 100 * count
+        if rank <= zeros:
+            out.append(0.0)
+            continue
+        i = min(int(np.searchsorted(cum, rank)), len(hist) - 1)
+        lo, hi = _EDGES[i], min(_EDGES[i + 1], absmax)
+        before = cum[i] - hist[i]
+        out.append(float(lo + (hi - lo) * (rank - before) / hist[i]))
+    return out
