@@ -1,0 +1,389 @@
+"""The search loop: baseline, trial store, strategy, joint and uniform steps, result files.
+
+Only this module knows the whole loop. It trains (or loads) the fp32 baseline of every
+seed, builds the ``evaluate`` callable the strategies use (each plan's trials are looked
+up in the store and otherwise run through the executor, and stored the moment each one
+finishes), runs the per-layer strategy, the joint step and the uniform search, and
+writes the result into the run directory.
+
+Trials run through an executor of :mod:`bitwidth.executors` (``map_unordered(fn,
+context, items)`` yielding ``Done`` results as they finish): serial by default, a
+process pool or Ray when given. Only this process writes the store. A trial that raised
+is stored as failed with its error text; a trial whose worker died is retried once in
+the same round and, if lost again, fails this round without being stored, so a rerun
+tries it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch.nn.functional as TF
+from torch import nn
+
+from . import trial as _trial
+from .cost import COST_MEASURES, CostModel
+from .executors import Executor, make_executor
+from .families import FAMILIES, make_format, needs_absmax
+from .formats import Format
+from .search import STRATEGIES, Pair, SearchResult, SearchSpace, Verdict, bisect, grid, joint, uniform
+from .stats import record
+from .store import TrialStore, trial_key
+from .wrap import KINDS, QuantSpec, covered_layers, plan_from_dict, plan_to_dict
+
+__all__ = ["STORE_FILE", "ProgressEvent", "TrialContext", "run_search", "run_trial_item"]
+
+STORE_FILE = "trials.jsonl"
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Sent to ``progress`` when a phase starts and after every trial that finishes."""
+
+    phase: str
+    trials_run: int
+    trials_reused: int
+    message: str = ""
+
+
+@dataclass
+class TrialContext:
+    """What every trial of a search shares: shipped to each worker once, not once per trial."""
+
+    task: Any
+    options: _trial.TrialOptions
+    baselines: dict[int, _trial.Baseline]
+
+
+def run_trial_item(context: TrialContext, item: tuple[str, dict, int]) -> tuple[str, dict[str, Any]]:
+    """Run one ``(key, plan dict, seed)`` item; returns ``(key, outcome dict)``.
+
+    A top-level function so process pools can pickle it by name.
+
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset
+    >>> from bitwidth.tasks import Task
+    >>> data = TensorDataset(torch.randn(16, 4), torch.arange(16) % 2)
+    >>> task = Task("toy", lambda: torch.nn.Sequential(torch.nn.Linear(4, 2)), data, data)
+    >>> options = _trial.TrialOptions(epochs=1)
+    >>> context = TrialContext(task, options, {0: _trial.train_baseline(task, options)})
+    >>> key, outcome = run_trial_item(context, ("k1", {"0": {"weight": "int4"}}, 0))
+    >>> key, sorted(outcome["metrics"])
+    ('k1', ['accuracy', 'loss'])
+    """
+    key, plan, seed = item
+    options = dataclasses.replace(context.options, seed=seed)
+    return key, _trial.run_trial(context.task, plan_from_dict(plan), options, context.baselines[seed]).to_dict()
+
+
+def _canonical_plan(plan: Mapping[str, QuantSpec]) -> dict[str, dict]:
+    # Full-precision layers and key order do not change a trial, so they do not change its key.
+    return {name: spec for name, spec in sorted(plan_to_dict(plan).items()) if any(spec.values())}
+
+
+class _Evaluator:
+    """The ``evaluate`` callable: store first, then the executor; a verdict per plan over all seeds."""
+
+    def __init__(self, task: Any, options: _trial.TrialOptions, baselines: dict[int, _trial.Baseline],
+                 criterion: Any, store: TrialStore, executor: Executor,
+                 progress: Callable[[ProgressEvent], None] | None) -> None:
+        self.task, self.options, self.baselines = task, options, baselines
+        self.context = TrialContext(task, options, baselines)
+        self.criterion, self.store, self.executor, self.progress = criterion, store, executor, progress
+        self.fingerprint = task.fingerprint()
+        self.run = self.reused = 0
+        self.phase = ""
+
+    def key(self, plan: dict[str, dict], seed: int) -> str:
+        opts = dataclasses.replace(self.options, seed=seed).to_dict()
+        return trial_key(task=self.fingerprint, mode=self.options.mode, plan=plan, seed=seed, options=opts)
+
+    def notify(self, message: str = "") -> None:
+        if self.progress is not None:
+            self.progress(ProgressEvent(self.phase, self.run, self.reused, message))
+
+    def start(self, phase: str, message: str) -> None:
+        self.phase = phase
+        self.notify(message)
+
+    def __call__(self, plans: list[dict[str, QuantSpec]]) -> list[Verdict]:
+        dicts = [_canonical_plan(p) for p in plans]
+        keys = [[self.key(d, s) for s in self.baselines] for d in dicts]
+        stored_before = {k for ks in keys for k in ks if k in self.store}
+        self.reused += len(stored_before)
+        todo: dict[str, tuple[str, dict, int]] = {}
+        for d, ks in zip(dicts, keys, strict=True):
+            for k, s in zip(ks, self.baselines, strict=True):
+                if k not in self.store:
+                    todo.setdefault(k, (k, d, s))  # the same plan twice in a round runs once
+        lost: dict[str, str] = {}
+        for _attempt in range(2):
+            items = [todo[k] for k in todo if k not in self.store]
+            lost = {}
+            for done in self.executor.map_unordered(run_trial_item, self.context, items):
+                key, plan, seed = items[done.index]
+                if done.lost:
+                    lost[key] = done.error or "worker lost"
+                    continue
+                outcome = done.value[1] if done.error is None else _failed(done.error)
+                self.store.put(key, {"mode": self.options.mode, "seed": seed, "plan": plan, "outcome": outcome})
+                self.run += 1
+                self.notify(f"trial {key[:12]} {self.criterion.metric}="
+                            f"{outcome['metrics'].get(self.criterion.metric)}")
+            if not lost:
+                break
+        return [self.verdict(ks, all(k in stored_before for k in ks), lost) for ks in keys]
+
+    def lookup(self, plan: dict[str, QuantSpec]) -> Verdict | None:
+        """The verdict of ``plan`` if every seed's trial is already stored, else None."""
+        d = _canonical_plan(plan)
+        keys = [self.key(d, s) for s in self.baselines]
+        return self.verdict(keys, True) if all(k in self.store for k in keys) else None
+
+    def verdict(self, keys: list[str], reused: bool, lost: Mapping[str, str] | None = None) -> Verdict:
+        lost = lost or {}
+        outcomes = [_trial.TrialOutcome.from_dict(_failed(lost[k]) if k in lost else self.store.get(k)["outcome"])
+                    for k in keys]
+        bases = list(self.baselines.values())
+        if hasattr(self.criterion, "passes_seeds"):  # the mean over seeds against the baselines' mean
+            passed = bool(self.criterion.passes_seeds(outcomes, bases))
+        else:  # a criterion of one seed at a time: the plan must pass on every seed
+            passed = all(bool(self.criterion.passes(o, b.metrics, b.loss_curve))
+                         for o, b in zip(outcomes, bases, strict=True))
+        metric_name = self.criterion.metric
+        values = [float(o.metrics.get(metric_name, math.nan)) for o in outcomes]
+        errors = [o.error for o in outcomes if o.error]
+        detail = {
+            "metrics": _mean_metrics([o.metrics for o in outcomes]),
+            "metric_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "diverged": any(o.diverged for o in outcomes),
+            "wall_time": sum(o.wall_time for o in outcomes),
+            "error": errors[0] if errors else None,
+            "keys": " ".join(keys),
+        }
+        return Verdict(passed, statistics.fmean(values), detail, reused)
+
+
+def _failed(error: str) -> dict[str, Any]:
+    return _trial.TrialOutcome({"accuracy": math.nan, "loss": math.nan}, error=error).to_dict()
+
+
+def _mean_metrics(metrics: list[Mapping[str, float]]) -> dict[str, float]:
+    names = sorted({n for m in metrics for n in m})
+    return {n: statistics.fmean(float(m.get(n, math.nan)) for m in metrics) for n in names}
+
+
+def _select_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+    names = list(covered_layers(model))
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not chosen:
+        raise ValueError(f"layers {patterns} match no quantizable layer; layers: {', '.join(names)}")
+    return chosen
+
+
+def _data_absmax(task: Any, baseline: _trial.Baseline, layers: Sequence[str], kinds: Sequence[str], *,
+                mode: str, calib_batches: int = 4) -> dict[Pair, float]:
+    """Max |x| of each (layer, kind) over calibration batches, for families that place the binary point.
+
+    Measured on the baseline's weights; in ``train`` mode also on its initial weights,
+    because gradients are largest early in training.
+    """
+    loss_fn = getattr(task, "loss_fn", TF.cross_entropy)
+    batches = task.calib_batches(max(1, calib_batches))
+    found: dict[Pair, float] = {}
+    for state in [baseline.state_dict] + ([baseline.init_state_dict] if mode == "train" else []):
+        model = task.build_model(0)
+        model.load_state_dict(state)
+        model.eval()
+        with record(model, layers=list(layers), kinds=kinds) as rec:
+            for x, y in batches:
+                model.zero_grad(set_to_none=True)
+                out = model(x)
+                if "gradient" in kinds:
+                    loss_fn(out, y).backward()
+        frame = rec.to_frame()
+        for row in frame[~frame["quantized"]].itertuples():
+            pair = (row.layer, row.kind)
+            found[pair] = max(found.get(pair, 0.0), float(row.absmax))
+    return found
+
+
+def _check(name: str, values: Iterable[Any], allowed: Sequence[Any]) -> None:
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise ValueError(f"{name} {bad} not allowed; allowed: {list(allowed)}")
+
+
+def _check_inputs(mode: str, kinds: Sequence[str], strategy: str, family: str, seeds: Sequence[int]) -> None:
+    _check("mode", [mode], _trial.MODES)
+    _check("kinds", kinds, KINDS)
+    if not kinds:
+        raise ValueError(f"kinds must name at least one of {list(KINDS)}")
+    if mode == "ptq" and "gradient" in kinds:
+        raise ValueError("kind 'gradient' exists only in mode 'train' (backward); allowed in ptq: "
+                         "['weight', 'activation']")
+    _check("strategy", [strategy], STRATEGIES)
+    _check("family", [family], FAMILIES)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f"seeds must be a non-empty list of integers >= 0, got {list(seeds)}")
+
+
+def _criterion(criterion: Any, mode: str) -> Any:
+    if criterion is not None and not isinstance(criterion, str):
+        return criterion
+    from .criteria import make_criterion
+
+    return make_criterion(criterion or ("accuracy" if mode == "ptq" else "converge"))
+
+
+def run_search(
+    task: Any,
+    *,
+    mode: str,
+    layers: str | Sequence[str] = "*",
+    kinds: Sequence[str] = ("weight", "activation"),
+    family: str = "int",
+    family_options: Mapping[str, Any] | None = None,
+    candidates: Sequence[int] = (2, 3, 4, 5, 6, 8),
+    criterion: Any = None,
+    strategy: str = "bisect",
+    trial_options: _trial.TrialOptions | None = None,
+    seeds: Sequence[int] = (0,),
+    run_dir: str | Path,
+    executor: Executor | str | None = None,
+    progress: Callable[[ProgressEvent], None] | None = None,
+) -> SearchResult:
+    """Find each (layer, kind)'s minimum, the joint plan and the best uniform width; save into ``run_dir``.
+
+    ``task``: a Task or a model name for :func:`bitwidth.tasks.make_task`. ``layers``:
+    glob pattern(s) over the quantizable layers. ``criterion``: a criterion or its name
+    (default ``accuracy`` for ptq, ``converge`` for train). ``trial_options``: mode and
+    seed are set by the search. ``executor``: an executor, or its name for
+    :func:`bitwidth.executors.make_executor` (default ``local``; one made here is closed
+    here). Rerunning into the same ``run_dir`` reuses every stored trial. ``min_bits``
+    counts the family's searched integer (e.g. mantissa bits for ``float``); costs
+    count total bits.
+
+    Order: baseline(s), the per-pair strategy, the best uniform width, then the joint
+    step (:func:`bitwidth.search.joint`): in ptq every raise is measured at every step;
+    in train mode the greedy is lazy and capped per pair at the larger of its minimum
+    and the uniform width. With several seeds a plan is judged by the mean over
+    seeds against the baselines' mean (the criterion's ``passes_seeds``).
+
+    >>> run_search("digits_cnn", mode="ptq", kinds=("gradient",), run_dir="/nonexistent")
+    Traceback (most recent call last):
+    ...
+    ValueError: kind 'gradient' exists only in mode 'train' (backward); allowed in ptq: ['weight', 'activation']
+    """
+    _check_inputs(mode, kinds, strategy, family, seeds)
+    if isinstance(task, str):
+        from .tasks import make_task
+
+        task = make_task(task)
+    criterion = _criterion(criterion, mode)
+    options = dataclasses.replace(trial_options or _trial.TrialOptions(), mode=mode, seed=seeds[0])
+    fam_opts = dict(family_options or {})
+    if "absmax" in fam_opts:
+        raise ValueError("family_options cannot set absmax: it is measured per layer from the data")
+    model = task.build_model(seeds[0])
+    names = _select_layers(model, layers)
+    costs = CostModel.measure(model, task.example_input())
+    # Bad family options fail here, before any training.
+    make_format(family, max(candidates, default=8), **fam_opts, **({"absmax": 1.0} if needs_absmax(family) else {}))
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    baselines = {s: _trial.train_baseline(task, dataclasses.replace(options, seed=s), cache_dir=run_dir)
+                 for s in dict.fromkeys(seeds)}
+    absmax = (_data_absmax(task, baselines[seeds[0]], names, kinds, mode=mode, calib_batches=options.calib_batches)
+              if needs_absmax(family) else {})
+
+    def build(layer: str, kind: str, n: int) -> Format:
+        return make_format(family, n, **fam_opts, **({"absmax": absmax[(layer, kind)]} if absmax else {}))
+
+    space = SearchSpace([(n, k) for n in names for k in kinds], tuple(candidates), build)
+    own_executor = not hasattr(executor, "map_unordered")
+    ex = make_executor(executor or "local") if own_executor else executor
+    evaluate = _Evaluator(task, options, baselines, criterion, TrialStore(run_dir / STORE_FILE), ex, progress)
+    try:
+        result = _search(evaluate, space, strategy, costs, kinds)
+    finally:
+        if own_executor:
+            ex.close()
+    result.summary["config"] = {
+        "task": task.fingerprint(), "mode": mode, "layers": names, "kinds": list(kinds), "family": family,
+        "family_options": fam_opts, "candidates": list(space.candidates), "criterion": criterion.to_dict(),
+        "strategy": strategy, "seeds": list(baselines), "trial_options": options.to_dict(),
+    }
+    result.save(run_dir)
+    return result
+
+
+def _search(evaluate: _Evaluator, space: SearchSpace, strategy: str, costs: CostModel,
+            kinds: Sequence[str]) -> SearchResult:
+    """The strategy, then the joint step and the uniform search, into one result."""
+    evaluate.start(strategy, f"{len(space.pairs)} (layer, kind) pairs x {len(space.candidates)} candidates")
+    if strategy == "grid":
+        pairs = grid(evaluate, space)
+    else:
+        reference = {pair: {n: v.passed for n in space.candidates
+                            if (v := evaluate.lookup(space.plan({pair: n}))) is not None} for pair in space.pairs}
+        pairs = bisect(evaluate, space, reference=reference)
+    metric_name = evaluate.criterion.metric
+    # The joint step ranks raises by the costs the searched kinds move.
+    needed = ("weight" in kinds, "weight" in kinds or "activation" in kinds, "gradient" in kinds)
+    measures = tuple(m for m, use in zip(COST_MEASURES, needed, strict=True) if use)
+    evaluate.start("uniform", "best uniform width")
+    same = uniform(evaluate, space)
+    minima = pairs.as_dict()
+    # Training runs are expensive and noisy: a lazy greedy, and no pair raised past the uniform
+    # width that passes (or its own minimum) while others can still rise, so noise cannot lure
+    # it into raising cheap layers for nothing. Post-training trials are cheap and exact: every
+    # raise is measured at every step, uncapped.
+    noisy = evaluate.options.mode == "train"
+    ceiling = None if same.bits is None or not noisy else {
+        p: None if n is None else max(n, same.bits) for p, n in minima.items()}
+    evaluate.start("joint", "joint plan")
+    together = joint(evaluate, space, minima, cost=lambda p: costs.relative(p, measures), ceiling=ceiling,
+                     lazy=noisy, higher_is_better="loss" not in metric_name)
+    trials = pd.concat([pairs.trials, same.trials, together.trials], ignore_index=True)
+    evaluate.start("done", f"{evaluate.run} trials run, {evaluate.reused} reused")
+    return SearchResult(
+        trials=trials,
+        min_bits=pairs.min_bits,
+        joint_plan=together.plan,
+        costs=_cost_table(costs, together.plan, same.plan if same.bits is not None else None),
+        summary={
+            "joint": {"passed": together.passed, "metric": together.metric, "steps": together.steps,
+                      "metrics": together.outcome.get("metrics", {}),
+                      "bits": {f"{layer}.{kind}": n for (layer, kind), n in together.bits.items()}},
+            "uniform": {"bits": same.bits, "passed": same.passed, "metric": same.metric},
+            "baseline": {"metric_name": metric_name,
+                         "metric": statistics.fmean(float(b.metrics[metric_name]) for b in evaluate.baselines.values()),
+                         "per_seed": {s: b.metrics for s, b in evaluate.baselines.items()}},
+            "layer_costs": {name: dataclasses.asdict(size) for name, size in costs.layers.items()},
+            "counts": {"trials_run": evaluate.run, "trials_reused": evaluate.reused,
+                       "evaluations": {k: int(v) for k, v in trials.groupby("strategy").size().items()}},
+        },
+    )
+
+
+def _cost_table(costs: CostModel, joint_plan: dict[str, QuantSpec],
+                uniform_plan: dict[str, QuantSpec] | None) -> pd.DataFrame:
+    rows = {"fp32": costs.of({}), "uniform": costs.of(uniform_plan) if uniform_plan is not None else {},
+            "joint": costs.of(joint_plan)}
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=list(COST_MEASURES), dtype=float)
+    for m in COST_MEASURES:
+        table[f"{m}_vs_fp32"] = table[m] / table.loc["fp32", m]
+        table[f"{m}_vs_uniform"] = table[m] / table.loc["uniform", m]
+    table.index.name = "plan"
+    return table

@@ -1,0 +1,375 @@
+"""Search strategies: which plans to evaluate to find each layer's minimum bit width.
+
+Strategies never touch tensors or trials. They see a :class:`SearchSpace` (the (layer,
+kind) pairs, the sorted candidate integers, and a function from an integer to a format)
+and an ``evaluate`` callable that takes a *round* of plans and returns one
+:class:`Verdict` per plan. Plans of one round are independent, so an executor may run
+them in parallel; the runner behind ``evaluate`` looks each one up in the trial store.
+
+- :func:`grid`: every candidate for every pair, one pair quantized at a time.
+- :func:`bisect`: binary search per pair over the sorted candidates, assuming more bits
+  never hurts; all pairs advance one step per round.
+- :func:`joint`: every pair at its isolated minimum together; while that fails, raise
+  the pair whose next candidate recovers the most metric per added cost, measured on
+  the joint plan (all raises in the first round, then lazily).
+- :func:`uniform`: the fewest bits that pass with every pair at the same width.
+
+Metrics are "higher is better" (accuracy) unless a strategy is told otherwise.
+
+>>> from bitwidth.formats import IntFormat
+>>> space = SearchSpace([("fc", "weight")], (2, 4, 8), lambda layer, kind, bits: IntFormat(bits))
+>>> def evaluate(plans):  # passes from 4 bits on
+...     return [Verdict(p["fc"].weight.bits >= 4, float(p["fc"].weight.bits)) for p in plans]
+>>> bisect(evaluate, space).min_bits[["layer", "kind", "min_bits", "evaluations"]].values.tolist()
+[['fc', 'weight', 4, 2]]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from .formats import Format
+from .result import MIN_BITS_COLUMNS, SearchResult
+from .wrap import KINDS, QuantSpec
+
+__all__ = [
+    "STRATEGIES",
+    "Evaluate",
+    "JointResult",
+    "Pair",
+    "PairResult",
+    "SearchResult",
+    "SearchSpace",
+    "UniformResult",
+    "Verdict",
+    "bisect",
+    "grid",
+    "joint",
+    "plan_label",
+    "uniform",
+]
+
+Pair = tuple[str, str]  # (layer, kind)
+STRATEGIES = ("grid", "bisect")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The judged outcome of one plan: did it pass, its metric, details, and whether it came from the store."""
+
+    passed: bool
+    metric: float
+    outcome: dict[str, Any] = field(default_factory=dict)
+    reused: bool = False
+
+
+Evaluate = Callable[[list[dict[str, QuantSpec]]], list[Verdict]]
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What is searched: ``pairs`` of (layer, kind), sorted ``candidates``, and ``build(layer, kind, n) -> Format``."""
+
+    pairs: Sequence[Pair]
+    candidates: Sequence[int]
+    build: Callable[[str, str, int], Format]
+
+    def __post_init__(self) -> None:
+        pairs = tuple((str(layer), str(kind)) for layer, kind in self.pairs)
+        bad = sorted({k for _, k in pairs if k not in KINDS})
+        if bad:
+            raise ValueError(f"unknown kind(s) {bad}; allowed: {list(KINDS)}")
+        if not pairs or len(set(pairs)) != len(pairs):
+            raise ValueError(f"pairs must be a non-empty list of distinct (layer, kind), got {list(self.pairs)}")
+        cands = tuple(self.candidates)
+        if not cands or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in cands):
+            raise ValueError(f"candidates must be a non-empty list of integers >= 0, got {list(cands)}")
+        object.__setattr__(self, "pairs", pairs)
+        object.__setattr__(self, "candidates", tuple(sorted(set(cands))))
+
+    def plan(self, bits: Mapping[Pair, int | None]) -> dict[str, QuantSpec]:
+        """The plan with each given pair at its integer (``None``: full precision), the rest full precision."""
+        formats: dict[str, dict[str, Format]] = {}
+        for (layer, kind), n in bits.items():
+            if n is not None:
+                formats.setdefault(layer, {})[kind] = self.build(layer, kind, n)
+        return {layer: QuantSpec(**fmts) for layer, fmts in formats.items()}
+
+
+@dataclass
+class PairResult:
+    """Per-pair minima (``min_bits`` table) and the trials that found them."""
+
+    min_bits: pd.DataFrame
+    trials: pd.DataFrame
+
+    def as_dict(self) -> dict[Pair, int | None]:
+        """``{(layer, kind): min_bits or None}``."""
+        return {(r.layer, r.kind): (None if pd.isna(r.min_bits) else int(r.min_bits))
+                for r in self.min_bits.itertuples()}
+
+
+@dataclass
+class JointResult:
+    """The joint plan: each pair's integer, whether it passed, its metric, and the trials on the way."""
+
+    bits: dict[Pair, int | None]
+    plan: dict[str, QuantSpec]
+    passed: bool
+    metric: float
+    outcome: dict[str, Any]
+    steps: int
+    trials: pd.DataFrame
+
+
+@dataclass
+class UniformResult:
+    """The fewest bits that pass with every pair at the same width (``None``: none does)."""
+
+    bits: int | None
+    plan: dict[str, QuantSpec]
+    passed: bool
+    metric: float
+    trials: pd.DataFrame
+
+
+def plan_label(plan: Mapping[str, QuantSpec]) -> str:
+    """A compact one-line plan for tables.
+
+    >>> plan_label({"fc1": QuantSpec(weight="int4"), "fc2": QuantSpec(activation="int8")})
+    'fc1 w=int4; fc2 a=int8'
+    """
+    parts = []
+    for layer, spec in plan.items():
+        kinds = " ".join(f"{k[0]}={getattr(spec, k).name}" for k in KINDS if getattr(spec, k) is not None)
+        parts.append(f"{layer} {kinds}")
+    return "; ".join(parts) or "fp32"
+
+
+class _Trace:
+    """Calls ``evaluate`` one round at a time and keeps one table row per plan."""
+
+    def __init__(self, evaluate: Evaluate, strategy: str) -> None:
+        self.evaluate, self.strategy = evaluate, strategy
+        self.rows: list[dict[str, Any]] = []
+        self.round = 0
+
+    def __call__(self, labeled: list[tuple[dict[str, Any], dict[str, QuantSpec]]]) -> list[Verdict]:
+        if not labeled:
+            return []
+        verdicts = list(self.evaluate([plan for _, plan in labeled]))
+        if len(verdicts) != len(labeled):
+            raise ValueError(f"evaluate returned {len(verdicts)} verdicts for {len(labeled)} plans")
+        for (label, plan), v in zip(labeled, verdicts, strict=True):
+            extra = {k: x for k, x in v.outcome.items() if x is None or isinstance(x, (bool, int, float, str))}
+            self.rows.append({"strategy": self.strategy, "round": self.round, "layer": None, "kind": None,
+                              "bits": None, **label, "plan": plan_label(plan), "passed": bool(v.passed),
+                              "metric": float(v.metric), "reused": bool(v.reused), **extra})
+        self.round += 1
+        return verdicts
+
+    def frame(self) -> pd.DataFrame:
+        return _trials_frame(self.rows)
+
+
+def _trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=None if rows else ["strategy", "round", "layer", "kind", "bits", "plan",
+                                                          "passed", "metric", "reused"])
+    frame["bits"] = frame["bits"].astype("Int64")
+    return frame
+
+
+def _monotone(observed: Mapping[int, bool], candidates: Sequence[int]) -> bool | None:
+    """False if some width passes while a larger one fails; True if every candidate was seen; else unknown."""
+    widths = sorted(observed)
+    for i, low in enumerate(widths):
+        if observed[low] and any(not observed[high] for high in widths[i + 1:]):
+            return False
+    return True if set(candidates) <= set(observed) else None
+
+
+def _row(pair: Pair, min_bits: int | None, metric: float, evaluations: int, monotone: bool | None) -> dict[str, Any]:
+    return dict(zip(MIN_BITS_COLUMNS, (pair[0], pair[1], min_bits, metric, evaluations, monotone), strict=True))
+
+
+def _min_bits_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=list(MIN_BITS_COLUMNS))
+    return frame.astype({"min_bits": "Int64", "metric_at_min": float, "evaluations": int, "monotone": "boolean"})
+
+
+def _isolated(space: SearchSpace, pair: Pair, n: int) -> tuple[dict[str, Any], dict[str, QuantSpec]]:
+    return {"layer": pair[0], "kind": pair[1], "bits": n}, space.plan({pair: n})
+
+
+def grid(evaluate: Evaluate, space: SearchSpace) -> PairResult:
+    """Evaluate every candidate for every pair in one round; the minimum is the smallest
+    width from which every larger candidate passes too (a lone lucky pass below a
+    failure is not a safe minimum), and ``monotone`` says whether such a pass occurred.
+
+    >>> from bitwidth.formats import IntFormat
+    >>> space = SearchSpace([("fc", "weight")], (2, 3, 4), lambda layer, kind, n: IntFormat(n))
+    >>> res = grid(lambda plans: [Verdict(p["fc"].weight.bits != 3, 0.0) for p in plans], space)
+    >>> res.min_bits[["min_bits", "evaluations", "monotone"]].values.tolist()
+    [[4, 3, False]]
+    """
+    trace = _Trace(evaluate, "grid")
+    cands = space.candidates
+    labeled = [_isolated(space, pair, n) for pair in space.pairs for n in cands]
+    verdicts = iter(trace(labeled))
+    rows = []
+    for pair in space.pairs:
+        seen = {n: next(verdicts) for n in cands}
+        best: int | None = None
+        for n in reversed(cands):
+            if not seen[n].passed:
+                break
+            best = n
+        metric = seen[best].metric if best is not None else float("nan")
+        rows.append(_row(pair, best, metric, len(cands), _monotone({n: v.passed for n, v in seen.items()}, cands)))
+    return PairResult(_min_bits_frame(rows), trace.frame())
+
+
+def bisect(evaluate: Evaluate, space: SearchSpace, *,
+           reference: Mapping[Pair, Mapping[int, bool]] | None = None) -> PairResult:
+    """Binary search for each pair's smallest passing candidate, all pairs one step per round.
+
+    Uses at most ``ceil(log2(len(candidates) + 1))`` evaluations per pair, which is at
+    most ``ceil(log2(len(candidates))) + 1``. Bisection cannot see non-monotone
+    behaviour by itself; ``reference`` (earlier pass/fail per pair and width, e.g. a grid
+    run found in the trial store) lets ``monotone`` say False where it was seen.
+    ``min_bits`` is ``<NA>`` when even the largest candidate fails.
+    """
+    trace = _Trace(evaluate, "bisect")
+    cands = space.candidates
+    bounds = {pair: [0, len(cands)] for pair in space.pairs}  # answer index in [lo, hi]; len = none passes
+    seen: dict[Pair, dict[int, Verdict]] = {pair: {} for pair in space.pairs}
+    while active := [pair for pair in space.pairs if bounds[pair][0] < bounds[pair][1]]:
+        mids = {pair: (bounds[pair][0] + bounds[pair][1]) // 2 for pair in active}
+        verdicts = trace([_isolated(space, pair, cands[mids[pair]]) for pair in active])
+        for pair, v in zip(active, verdicts, strict=True):
+            seen[pair][cands[mids[pair]]] = v
+            if v.passed:
+                bounds[pair][1] = mids[pair]
+            else:
+                bounds[pair][0] = mids[pair] + 1
+    rows = []
+    for pair in space.pairs:
+        idx = bounds[pair][0]
+        best = cands[idx] if idx < len(cands) else None
+        metric = seen[pair][best].metric if best is not None else float("nan")
+        observed = {**(reference or {}).get(pair, {}), **{n: v.passed for n, v in seen[pair].items()}}
+        rows.append(_row(pair, best, metric, len(seen[pair]), _monotone(observed, cands)))
+    return PairResult(_min_bits_frame(rows), trace.frame())
+
+
+def joint(evaluate: Evaluate, space: SearchSpace, min_bits: Mapping[Pair, int | None], *,
+          cost: Callable[[dict[str, QuantSpec]], float], ceiling: Mapping[Pair, int | None] | None = None,
+          lazy: bool = True, higher_is_better: bool = True) -> JointResult:
+    """Every pair at its isolated minimum together; repair greedily while that fails.
+
+    Errors of separately harmless pairs add up. A repair raises one pair by one
+    candidate (above the largest: full precision), chosen by the metric it recovers
+    *in the joint plan* per added ``cost(plan)``, so interactions are measured, not
+    assumed. A round that tries every raise at once ends the search if some pass: the
+    cheapest wins. ``lazy=False`` runs such a round at every step. ``lazy=True`` runs it
+    at the first step only; after that a pair's last measured score stands for its next
+    one until it is the best candidate, and only then is it measured again on the
+    current plan: exact when what a raise recovers does not grow with the bits already
+    added, and about one trial per step instead of one per pair (for expensive trials).
+
+    ``ceiling`` (e.g. each pair's larger of its minimum and the best uniform width) caps
+    the raises until every pair has reached it: noisy metrics (short training runs)
+    otherwise lure the greedy into raising cheap layers far past any need.
+    ``higher_is_better=False`` for a metric such as a loss.
+
+    >>> from bitwidth.formats import IntFormat
+    >>> space = SearchSpace([("a", "weight"), ("b", "weight")], (2, 4, 8), lambda layer, kind, n: IntFormat(n))
+    >>> def evaluate(plans):  # each pair at 2 bits costs 0.6: one alone passes, both fail
+    ...     drops = [sum(0.6 for s in p.values() if s.weight.bits == 2) for p in plans]
+    ...     return [Verdict(d <= 0.6, 1 - d) for d in drops]
+    >>> res = joint(evaluate, space, {("a", "weight"): 2, ("b", "weight"): 2}, cost=lambda p: len(p))
+    >>> res.passed, res.bits
+    (True, {('a', 'weight'): 4, ('b', 'weight'): 2})
+    """
+    trace = _Trace(evaluate, "joint")
+    cands = space.candidates
+    levels: list[int | None] = [*cands, None]
+    for name, given in (("min_bits", min_bits), ("ceiling", ceiling)):
+        bad = given is not None and (set(given) != set(space.pairs) or any(n not in levels for n in given.values()))
+        if bad:
+            raise ValueError(f"{name} must give every pair a candidate {list(cands)} or None; got {dict(given)}")
+    sign = 1.0 if higher_is_better else -1.0
+    bits: dict[Pair, int | None] = {pair: min_bits[pair] for pair in space.pairs}
+    (verdict,) = trace([({"layer": "*", "kind": "*", "step": 0}, space.plan(bits))])
+    steps = 0
+    scores: dict[Pair, tuple[bool, float]] = {}  # the last measured score of raising each pair
+    measured: dict[Pair, tuple[dict[Pair, int | None], Verdict]] = {}  # raises measured on the current plan
+
+    def raise_one(pair: Pair) -> dict[Pair, int | None]:
+        return {**bits, pair: levels[levels.index(bits[pair]) + 1]}
+
+    def measure(pairs: list[Pair]) -> None:
+        raised = [raise_one(pair) for pair in pairs]
+        labeled = [({"layer": p[0], "kind": p[1], "bits": b[p], "step": steps + 1}, space.plan(b))
+                   for p, b in zip(pairs, raised, strict=True)]
+        base_cost = cost(space.plan(bits))
+        for pair, b, v in zip(pairs, raised, trace(labeled), strict=True):
+            gain, added = sign * (v.metric - verdict.metric), max(cost(space.plan(b)) - base_cost, 1e-12)
+            # A failed trial (NaN) never wins; with no gain anywhere, the least harmful raise.
+            scores[pair] = (False, -math.inf) if math.isnan(gain) else (gain > 0, gain / added if gain > 0 else gain)
+            measured[pair] = (b, v)
+
+    def below(pair: Pair, top: int | None) -> bool:
+        return levels.index(bits[pair]) < levels.index(top)
+
+    def movable_pairs() -> list[Pair]:
+        capped = [p for p in space.pairs if ceiling is not None and below(p, ceiling[p])]
+        return capped if ceiling is not None and capped else [p for p in space.pairs if below(p, None)]
+
+    while not verdict.passed and (movable := movable_pairs()):
+        if not measured and (steps == 0 or not lazy):
+            measure(movable)
+            passing = [p for p in movable if measured[p][1].passed]
+            if passing:  # the cheapest raise that passes; the first of equals, in pair order
+                best = min(passing, key=lambda p: cost(space.plan(measured[p][0])))
+                bits, verdict = measured[best]
+                steps += 1
+                break
+        best = max(movable, key=lambda p: scores.get(p, (True, math.inf)))  # unmeasured pairs go first
+        if best not in measured:
+            measure([best])
+            continue  # its fresh score may no longer be the best
+        bits, verdict = measured[best]
+        measured.clear()  # every other measurement was of the plan before this raise
+        steps += 1
+    return JointResult(bits, space.plan(bits), verdict.passed, verdict.metric, dict(verdict.outcome), steps,
+                       trace.frame())
+
+
+def uniform(evaluate: Evaluate, space: SearchSpace) -> UniformResult:
+    """Binary search for the fewest bits that pass with every pair at that same width.
+
+    >>> from bitwidth.formats import IntFormat
+    >>> space = SearchSpace([("a", "weight"), ("b", "weight")], (2, 4, 8), lambda layer, kind, n: IntFormat(n))
+    >>> uniform(lambda plans: [Verdict(p["a"].weight.bits >= 4, 0.9) for p in plans], space).bits
+    4
+    """
+    trace = _Trace(evaluate, "uniform")
+    cands = space.candidates
+    lo, hi = 0, len(cands)
+    seen: dict[int, Verdict] = {}
+    while lo < hi:
+        mid = (lo + hi) // 2
+        n = cands[mid]
+        (v,) = trace([({"layer": "*", "kind": "*", "bits": n}, space.plan({pair: n for pair in space.pairs}))])
+        seen[n] = v
+        lo, hi = (lo, mid) if v.passed else (mid + 1, hi)
+    if lo == len(cands):
+        return UniformResult(None, {}, False, float("nan"), trace.frame())
+    n = cands[lo]
+    return UniformResult(n, space.plan({pair: n for pair in space.pairs}), True, seen[n].metric, trace.frame())
