@@ -1,10 +1,11 @@
 """Wall time of the same digits search with the local, process and Ray executors.
 
-A training-mode search on digits_cnn (weights, activations, gradients; fixed point) is
-run three times from the same cached baseline, into fresh run directories, so every
-trial really runs. Prints wall times, ratios to ``local`` and whether the minima agree.
+The search of ``configs/digits_train.yaml`` (digits_cnn in training mode; weights,
+activations, gradients; fixed point) is run once per executor from the same cached
+baseline, into fresh run directories, so every trial really runs. Prints wall times,
+ratios to ``local`` and whether the minima agree.
 
-    python benchmarks/bench_executors.py [--workers 2] [--epochs 3]
+    python benchmarks/bench_executors.py [--workers 2] [--epochs 6]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from bitwidth.trial import TrialOptions, train_baseline
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--skip-ray", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -35,7 +36,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench_executors_"))
     train_baseline(task, options, cache_dir=root)  # shared: each run copies it, so only trials are timed
     search = dict(mode="train", kinds=("weight", "activation", "gradient"), family="fixed",
-                  candidates=(2, 4, 8, 16), trial_options=options)
+                  candidates=(2, 3, 4, 6, 8, 12, 16), trial_options=options)
     kinds = [("local", {}), ("process", {"workers": args.workers})]
     if not args.skip_ray:
         kinds.append(("ray", {"workers": args.workers, "address": "local"}))

@@ -34,7 +34,7 @@ from .cost import COST_MEASURES, CostModel
 from .executors import Executor, make_executor
 from .families import FAMILIES, make_format, needs_absmax
 from .formats import Format
-from .search import STRATEGIES, Pair, SearchResult, SearchSpace, Verdict, bisect, grid, joint, uniform
+from .search import STRATEGIES, Pair, SearchResult, SearchSpace, Verdict, bisect, grid, joint, together, uniform
 from .stats import record
 from .store import TrialStore, trial_key
 from .wrap import KINDS, QuantSpec, covered_layers, plan_from_dict, plan_to_dict
@@ -331,19 +331,20 @@ def run_search(
 def _search(evaluate: _Evaluator, space: SearchSpace, strategy: str, costs: CostModel,
             kinds: Sequence[str]) -> SearchResult:
     """The strategy, then the joint step and the uniform search, into one result."""
-    evaluate.start(strategy, f"{len(space.pairs)} (layer, kind) pairs x {len(space.candidates)} candidates")
+    evaluate.start(strategy, f"{len(space.pairs)} (layer, kind) pairs x {len(space.candidates)} candidates"
+                             " (and the best uniform width)")
     if strategy == "grid":
-        pairs = grid(evaluate, space)
+        per_pair: Callable[[Any], Any] = lambda ev: grid(ev, space)  # noqa: E731
     else:
         reference = {pair: {n: v.passed for n in space.candidates
                             if (v := evaluate.lookup(space.plan({pair: n}))) is not None} for pair in space.pairs}
-        pairs = bisect(evaluate, space, reference=reference)
+        per_pair = lambda ev: bisect(ev, space, reference=reference)  # noqa: E731
+    # The uniform search is independent of the per-pair one: its trials share their rounds.
+    pairs, same = together(evaluate, per_pair, lambda ev: uniform(ev, space))
     metric_name = evaluate.criterion.metric
     # The joint step ranks raises by the costs the searched kinds move.
     needed = ("weight" in kinds, "weight" in kinds or "activation" in kinds, "gradient" in kinds)
     measures = tuple(m for m, use in zip(COST_MEASURES, needed, strict=True) if use)
-    evaluate.start("uniform", "best uniform width")
-    same = uniform(evaluate, space)
     minima = pairs.as_dict()
     # Training runs are expensive and noisy: a lazy greedy, and no pair raised past the uniform
     # width that passes (or its own minimum) while others can still rise, so noise cannot lure
@@ -353,19 +354,19 @@ def _search(evaluate: _Evaluator, space: SearchSpace, strategy: str, costs: Cost
     ceiling = None if same.bits is None or not noisy else {
         p: None if n is None else max(n, same.bits) for p, n in minima.items()}
     evaluate.start("joint", "joint plan")
-    together = joint(evaluate, space, minima, cost=lambda p: costs.relative(p, measures), ceiling=ceiling,
+    combined = joint(evaluate, space, minima, cost=lambda p: costs.relative(p, measures), ceiling=ceiling,
                      lazy=noisy, higher_is_better="loss" not in metric_name)
-    trials = pd.concat([pairs.trials, same.trials, together.trials], ignore_index=True)
+    trials = pd.concat([pairs.trials, same.trials, combined.trials], ignore_index=True)
     evaluate.start("done", f"{evaluate.run} trials run, {evaluate.reused} reused")
     return SearchResult(
         trials=trials,
         min_bits=pairs.min_bits,
-        joint_plan=together.plan,
-        costs=_cost_table(costs, together.plan, same.plan if same.bits is not None else None),
+        joint_plan=combined.plan,
+        costs=_cost_table(costs, combined.plan, same.plan if same.bits is not None else None),
         summary={
-            "joint": {"passed": together.passed, "metric": together.metric, "steps": together.steps,
-                      "metrics": together.outcome.get("metrics", {}),
-                      "bits": {f"{layer}.{kind}": n for (layer, kind), n in together.bits.items()}},
+            "joint": {"passed": combined.passed, "metric": combined.metric, "steps": combined.steps,
+                      "metrics": combined.outcome.get("metrics", {}),
+                      "bits": {f"{layer}.{kind}": n for (layer, kind), n in combined.bits.items()}},
             "uniform": {"bits": same.bits, "passed": same.passed, "metric": same.metric},
             "baseline": {"metric_name": metric_name,
                          "metric": statistics.fmean(float(b.metrics[metric_name]) for b in evaluate.baselines.values()),

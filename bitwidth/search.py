@@ -27,6 +27,7 @@ Metrics are "higher is better" (accuracy) unless a strategy is told otherwise.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,7 @@ from .result import MIN_BITS_COLUMNS, SearchResult
 from .wrap import KINDS, QuantSpec
 
 __all__ = [
+    "together",
     "STRATEGIES",
     "Evaluate",
     "JointResult",
@@ -373,3 +375,84 @@ def uniform(evaluate: Evaluate, space: SearchSpace) -> UniformResult:
         return UniformResult(None, {}, False, float("nan"), trace.frame())
     n = cands[lo]
     return UniformResult(n, space.plan({pair: n for pair in space.pairs}), True, seen[n].metric, trace.frame())
+
+
+class _RoundMerger:
+    """An ``evaluate`` shared by strategies running in threads: their concurrent requests
+    become one round, so independent searches fill the same executor round."""
+
+    def __init__(self, evaluate: Evaluate, n: int) -> None:
+        self.evaluate, self.alive = evaluate, n
+        self.cv = threading.Condition()
+        self.pending: list[dict[str, Any]] = []
+
+    def __call__(self, plans: list[dict[str, QuantSpec]]) -> list[Verdict]:
+        slot: dict[str, Any] = {"plans": plans}
+        with self.cv:
+            self.pending.append(slot)
+            self._flush_if_all_waiting()
+            while "verdicts" not in slot and "error" not in slot:
+                self.cv.wait()
+        if "error" in slot:
+            raise slot["error"]
+        return slot["verdicts"]
+
+    def finished(self) -> None:
+        with self.cv:
+            self.alive -= 1
+            self._flush_if_all_waiting()
+
+    def _flush_if_all_waiting(self) -> None:
+        # Called with the lock held; every live strategy is blocked here, so one thread runs the round.
+        if not self.pending or len(self.pending) < self.alive:
+            return
+        slots, self.pending = self.pending, []
+        try:
+            verdicts = list(self.evaluate([plan for slot in slots for plan in slot["plans"]]))
+            start = 0
+            for slot in slots:
+                slot["verdicts"] = verdicts[start:start + len(slot["plans"])]
+                start += len(slot["plans"])
+        except BaseException as err:  # every waiting strategy sees the failure
+            for slot in slots:
+                slot["error"] = err
+        self.cv.notify_all()
+
+
+def together(evaluate: Evaluate, *strategies: Callable[[Evaluate], Any]) -> list[Any]:
+    """Run independent strategies at once, merging their rounds; returns their results in order.
+
+    Each strategy is a function of an ``evaluate``; whenever all of them wait for verdicts,
+    their plans go out as one round, so e.g. the uniform search rides along with the
+    per-layer bisection instead of adding rounds of its own after it.
+
+    >>> from bitwidth.formats import IntFormat
+    >>> space = SearchSpace([("a", "weight")], (2, 4, 8), lambda layer, kind, n: IntFormat(n))
+    >>> rounds = []
+    >>> def evaluate(plans):
+    ...     rounds.append(len(plans))
+    ...     return [Verdict(p["a"].weight.bits >= 4, 1.0) for p in plans]
+    >>> pairs, same = together(evaluate, lambda ev: bisect(ev, space), lambda ev: uniform(ev, space))
+    >>> same.bits, int(pairs.min_bits["min_bits"][0]), rounds
+    (4, 4, [2, 2])
+    """
+    merger = _RoundMerger(evaluate, len(strategies))
+    results: list[Any] = [None] * len(strategies)
+    errors: list[BaseException] = []
+
+    def run(i: int, strategy: Callable[[Evaluate], Any]) -> None:
+        try:
+            results[i] = strategy(merger)
+        except BaseException as err:
+            errors.append(err)
+        finally:
+            merger.finished()
+
+    threads = [threading.Thread(target=run, args=(i, s), daemon=True) for i, s in enumerate(strategies)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results

@@ -5,7 +5,7 @@ import torch
 
 from bitwidth import functional as F
 
-N = 7 * 11 * 3405  # >= FUSE_MIN_NUMEL for the fused path; not a power of two (vector tails)
+N = 7 * 11 * 54472  # >= FUSE_MIN_NUMEL for the fused path; not a power of two (vector tails)
 
 
 def value_and_grad(fn, x, g):
