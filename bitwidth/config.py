@@ -267,7 +267,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     variants = raw.get("variants") if isinstance(raw.get("variants"), dict) else {}
     for name, changes in variants.items():
         if not isinstance(changes, dict) or not changes:
-            errors.append(f"variants.{name}: a variant maps config keys to values, e.g. search.options.rounding: nearest")
+            errors.append(f"variants.{name}: a variant maps config keys to values, "
+                          "e.g. search.options.rounding: nearest")
             continue
         _, variant_errors = _validate(_variant_raw(raw, name, changes))
         errors += [f"variants.{name}: {e}" for e in variant_errors]
