@@ -6,7 +6,12 @@
 """
 
 from .formats import FixedFormat, FloatFormat, Format, IntFormat, format_from_dict, format_to_dict, parse_format
-from .stats import Recorder, analyze, record
+from .families import make_format
+from .result import SearchResult
+from .runner import run_search
+from .stats import Recorder, analyze, predict_min_bits, record
+from .tasks import Task, make_task
+from .trial import TrialOptions
 from .wrap import (
     QuantSpec,
     calibrate,
@@ -24,6 +29,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "make_format",
+    "SearchResult",
+    "run_search",
+    "predict_min_bits",
+    "Task",
+    "make_task",
+    "TrialOptions",
     "Format",
     "IntFormat",
     "FixedFormat",

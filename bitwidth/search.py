@@ -378,11 +378,12 @@ def uniform(evaluate: Evaluate, space: SearchSpace) -> UniformResult:
 
 
 class _RoundMerger:
-    """An ``evaluate`` shared by strategies running in threads: their concurrent requests
-    become one round, so independent searches fill the same executor round."""
+    """The ``evaluate`` that strategies running in threads call: it queues their plans and
+    waits; :func:`together` runs each round in the calling (main) thread, so Ctrl-C and
+    errors in trials land there, never in a strategy thread."""
 
-    def __init__(self, evaluate: Evaluate, n: int) -> None:
-        self.evaluate, self.alive = evaluate, n
+    def __init__(self, n: int) -> None:
+        self.alive = n
         self.cv = threading.Condition()
         self.pending: list[dict[str, Any]] = []
 
@@ -390,7 +391,7 @@ class _RoundMerger:
         slot: dict[str, Any] = {"plans": plans}
         with self.cv:
             self.pending.append(slot)
-            self._flush_if_all_waiting()
+            self.cv.notify_all()
             while "verdicts" not in slot and "error" not in slot:
                 self.cv.wait()
         if "error" in slot:
@@ -400,23 +401,23 @@ class _RoundMerger:
     def finished(self) -> None:
         with self.cv:
             self.alive -= 1
-            self._flush_if_all_waiting()
+            self.cv.notify_all()
 
-    def _flush_if_all_waiting(self) -> None:
-        # Called with the lock held; every live strategy is blocked here, so one thread runs the round.
-        if not self.pending or len(self.pending) < self.alive:
-            return
-        slots, self.pending = self.pending, []
-        try:
-            verdicts = list(self.evaluate([plan for slot in slots for plan in slot["plans"]]))
-            start = 0
-            for slot in slots:
-                slot["verdicts"] = verdicts[start:start + len(slot["plans"])]
-                start += len(slot["plans"])
-        except BaseException as err:  # every waiting strategy sees the failure
-            for slot in slots:
-                slot["error"] = err
-        self.cv.notify_all()
+    def next_round(self) -> list[dict[str, Any]] | None:
+        """Block until every live strategy waits for verdicts; their requests, or None when all are done."""
+        with self.cv:
+            while self.alive and len(self.pending) < self.alive:
+                self.cv.wait()
+            if not self.alive:
+                return None
+            slots, self.pending = self.pending, []
+            return slots
+
+    def answer(self, slots: list[dict[str, Any]], key: str, values: list[Any]) -> None:
+        with self.cv:
+            for slot, value in zip(slots, values, strict=True):
+                slot[key] = value
+            self.cv.notify_all()
 
 
 def together(evaluate: Evaluate, *strategies: Callable[[Evaluate], Any]) -> list[Any]:
@@ -436,7 +437,7 @@ def together(evaluate: Evaluate, *strategies: Callable[[Evaluate], Any]) -> list
     >>> same.bits, int(pairs.min_bits["min_bits"][0]), rounds
     (4, 4, [2, 2])
     """
-    merger = _RoundMerger(evaluate, len(strategies))
+    merger = _RoundMerger(len(strategies))
     results: list[Any] = [None] * len(strategies)
     errors: list[BaseException] = []
 
@@ -451,6 +452,16 @@ def together(evaluate: Evaluate, *strategies: Callable[[Evaluate], Any]) -> list
     threads = [threading.Thread(target=run, args=(i, s), daemon=True) for i, s in enumerate(strategies)]
     for t in threads:
         t.start()
+    while (slots := merger.next_round()) is not None:
+        try:
+            verdicts = list(evaluate([plan for slot in slots for plan in slot["plans"]]))
+        except BaseException as err:  # Ctrl-C or a failing evaluate: stop every strategy, then raise
+            merger.answer(slots, "error", [err] * len(slots))
+            for t in threads:
+                t.join()
+            raise
+        sizes = [len(slot["plans"]) for slot in slots]
+        merger.answer(slots, "verdicts", [verdicts[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(slots))])
     for t in threads:
         t.join()
     if errors:
