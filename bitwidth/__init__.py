@@ -5,8 +5,8 @@
 4
 """
 
-from .formats import FixedFormat, FloatFormat, Format, IntFormat, format_from_dict, format_to_dict, parse_format
 from .families import make_format
+from .formats import FixedFormat, FloatFormat, Format, IntFormat, format_from_dict, format_to_dict, parse_format
 from .result import SearchResult
 from .runner import run_search
 from .stats import Recorder, analyze, predict_min_bits, record

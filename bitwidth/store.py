@@ -69,8 +69,9 @@ class TrialStore:
     Lines are ``{"key": ..., "record": {...}}``. A later line with the same key wins.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False) -> None:
         self.path = Path(path)
+        self.readonly = readonly  # readers (the report) never touch a file a run may be writing
         self._records: dict[str, dict[str, Any]] = {}
         self._load()
 
@@ -79,7 +80,7 @@ class TrialStore:
             return
         data = self.path.read_bytes()
         end = data.rfind(b"\n") + 1
-        if end < len(data):
+        if end < len(data) and not self.readonly:
             # A kill during a write leaves a partial last line: that trial was in flight,
             # so drop it here and cut it from the file, or the next append would join it.
             with open(self.path, "r+b") as f:
@@ -106,6 +107,8 @@ class TrialStore:
 
     def put(self, key: str, record: dict[str, Any]) -> None:
         """Append ``record`` under ``key`` and make it durable before returning."""
+        if self.readonly:
+            raise ValueError(f"{self.path} is open read-only")
         line = json.dumps({"key": key, "record": record}, separators=(",", ":"), allow_nan=True) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # One write of one whole line, then fsync: a kill can only ever cut the last line.

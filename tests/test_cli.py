@@ -97,7 +97,7 @@ def test_variants_are_run_and_compared(tmp_path, capsys):
     table = pd.read_csv(out / "comparison.csv")
     assert list(table.columns) == ["layer", "kind", "nearest", "stochastic"]
     assert (out / "nearest" / "report.html").is_file() and (out / "stochastic" / "min_bits.csv").is_file()
-    assert "Variants compared" in (out / "report.html").read_text()
+    assert "variants compared" in (out / "report.html").read_text()
     assert main(["report", str(out)]) == 0
 
 

@@ -74,3 +74,15 @@ def test_key_parts_must_be_json():
     assert canonical_json({"b": 1, "a": [1.5, None]}) == '{"a":[1.5,null],"b":1}'
     with pytest.raises(ValueError, match="JSON"):
         trial_key(plan=object())
+
+
+def test_readonly_store_skips_a_cut_line_without_touching_the_file(tmp_path):
+    path = tmp_path / "trials.jsonl"
+    TrialStore(path).put("a", {"x": 1})
+    with open(path, "a") as f:
+        f.write('{"key": "b", "rec')  # a run is writing this line right now
+    before = path.read_bytes()
+    store = TrialStore(path, readonly=True)
+    assert store.keys() == ["a"] and path.read_bytes() == before
+    with pytest.raises(ValueError, match="read-only"):
+        store.put("c", {})

@@ -21,6 +21,7 @@ __all__ = ["CSS", "render_html", "table_html"]
 
 _NUM = ' class="num"'
 _CODE = re.compile(r"`([^`]+)`")
+_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
 PARTS = {"answer": "The answer", "why": "Why", "how": "How"}
 
 CSS = """
@@ -70,8 +71,9 @@ def _e(text: object) -> str:
 
 
 def _inline(text: str) -> str:
-    """Escaped paragraph text with `backticked` spans as code, as Markdown shows them."""
-    return _CODE.sub(r"<code>\1</code>", _e(text))
+    """Escaped paragraph text with `backticked` spans as code and [text](path) as links,
+    as Markdown shows them."""
+    return _LINK.sub(r'<a href="\2">\1</a>', _CODE.sub(r"<code>\1</code>", _e(text)))
 
 
 def table_html(table: Table) -> str:

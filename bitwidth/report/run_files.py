@@ -17,6 +17,7 @@ import pandas as pd
 import yaml
 
 from ..result import RESULT_FILES, SearchResult
+from ..store import TrialStore
 
 __all__ = ["RunFiles", "load_run"]
 
@@ -56,17 +57,9 @@ def _yaml(path: Path) -> dict[str, Any] | None:
 
 
 def _records(path: Path) -> dict[str, dict[str, Any]]:
-    """trials.jsonl read-only: a run still writing it may have a cut last line, which is skipped."""
-    out: dict[str, dict[str, Any]] = {}
-    if not path.exists():
-        return out
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            entry = json.loads(line)
-            out[entry["key"]] = entry["record"]
-        except (ValueError, KeyError, TypeError):
-            continue
-    return out
+    """trials.jsonl, read-only: a run still writing it may have a cut last line, which is skipped."""
+    store = TrialStore(path, readonly=True)
+    return {key: store.get(key) for key in store.keys()}
 
 
 def _baseline_curves(path: Path) -> list[dict[str, list[float]]]:
