@@ -1,11 +1,12 @@
-"""Wall time of the same digits search with the local, process and Ray executors.
+"""Wall time of the same digits searches with the local, process and Ray executors.
 
-The search of ``configs/digits_train.yaml`` (digits_cnn in training mode; weights,
-activations, gradients; fixed point) is run once per executor from the same cached
-baseline, into fresh run directories, so every trial really runs. Prints wall times,
-ratios to ``local`` and whether the minima agree.
+Two searches, each run once per executor from the same cached baseline into fresh run
+directories, so every trial really runs: the quickstart's (digits_cnn post-training, int
+weights and activations, 2..8 bits) and ``configs/digits_train.yaml``'s (training mode;
+weights, activations, gradients; fixed point). Prints wall times, ratios to ``local``
+and whether the minima agree.
 
-    python benchmarks/bench_executors.py [--workers 2] [--epochs 6]
+    python benchmarks/bench_executors.py [--workers 2] [--epochs 6] [--skip-ray]
 """
 
 from __future__ import annotations
@@ -32,32 +33,38 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     task = make_task("digits_cnn", "digits")
-    options = TrialOptions(mode="train", epochs=args.epochs)
-    root = Path(tempfile.mkdtemp(prefix="bench_executors_"))
-    train_baseline(task, options, cache_dir=root)  # shared: each run copies it, so only trials are timed
-    search = dict(mode="train", kinds=("weight", "activation", "gradient"), family="fixed",
-                  candidates=(2, 3, 4, 6, 8, 12, 16), trial_options=options)
+    searches = {
+        "ptq (quickstart)": (TrialOptions(mode="ptq"), dict(mode="ptq", kinds=("weight", "activation"),
+                                                            family="int", candidates=(2, 3, 4, 5, 6, 8))),
+        "train (digits_train)": (TrialOptions(mode="train", epochs=args.epochs),
+                                 dict(mode="train", kinds=("weight", "activation", "gradient"), family="fixed",
+                                      candidates=(2, 3, 4, 6, 8, 12, 16))),
+    }
     kinds = [("local", {}), ("process", {"workers": args.workers})]
     if not args.skip_ray:
         kinds.append(("ray", {"workers": args.workers, "address": "local"}))
-    rows = []
-    for kind, kw in kinds:
-        run_dir = root / kind
-        run_dir.mkdir()
-        shutil.copy(root / "baseline.pt", run_dir / "baseline.pt")
-        start = time.perf_counter()
-        with make_executor(kind, **kw) as executor:
-            result = run_search(task, run_dir=run_dir, executor=executor, **search)
-        wall = time.perf_counter() - start
-        rows.append((kind, wall, result.summary["counts"]["trials_run"], result.min_bits))
-        print(f"{kind:8s} {wall:7.1f} s  ({rows[-1][2]} trials)", flush=True)
-    local = rows[0]
-    print(f"\ncores={torch.get_num_threads()} thread/trial, workers={args.workers}, torch={torch.__version__}")
-    print(f"{'executor':10s} {'wall s':>8s} {'trials':>7s} {'x local':>8s}  same minima")
-    for kind, wall, trials, min_bits in rows:
-        same = min_bits[["layer", "kind", "min_bits"]].equals(local[3][["layer", "kind", "min_bits"]])
-        print(f"{kind:10s} {wall:8.1f} {trials:7d} {wall / local[1]:8.2f}  {same}")
-    shutil.rmtree(root, ignore_errors=True)
+    table = []
+    for search_name, (options, search) in searches.items():
+        root = Path(tempfile.mkdtemp(prefix="bench_executors_"))
+        train_baseline(task, options, cache_dir=root)  # shared: each run copies it, so only the search is timed
+        rows = []
+        for kind, kw in kinds:
+            run_dir = root / kind
+            run_dir.mkdir()
+            shutil.copy(root / "baseline.pt", run_dir / "baseline.pt")
+            start = time.perf_counter()
+            with make_executor(kind, **kw) as executor:  # executor start-up counts
+                result = run_search(task, run_dir=run_dir, executor=executor, trial_options=options, **search)
+            rows.append((kind, time.perf_counter() - start, result.summary["counts"]["trials_run"], result.min_bits))
+            print(f"{search_name:22s} {kind:8s} {rows[-1][1]:7.1f} s", flush=True)
+        cols = ["layer", "kind", "min_bits"]
+        table += [(search_name, kind, wall, trials, wall / rows[0][1], mb[cols].equals(rows[0][3][cols]))
+                  for kind, wall, trials, mb in rows]
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"\n1 torch thread per trial, workers={args.workers}, torch={torch.__version__}")
+    print("| search | executor | wall s | trials | x local | same minima |\n|---|---|---:|---:|---:|---|")
+    for search_name, kind, wall, trials, ratio, same in table:
+        print(f"| {search_name} | {kind} | {wall:.1f} | {trials} | {ratio:.2f} | {same} |")
 
 
 if __name__ == "__main__":
