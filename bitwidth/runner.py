@@ -354,8 +354,10 @@ def _search(evaluate: _Evaluator, space: SearchSpace, strategy: str, costs: Cost
     ceiling = None if same.bits is None or not noisy else {
         p: None if n is None else max(n, same.bits) for p, n in minima.items()}
     evaluate.start("joint", "joint plan")
+    # Idle workers prefetch the lazy greedy's likely next trials (same result, fewer rounds).
     combined = joint(evaluate, space, minima, cost=lambda p: costs.relative(p, measures), ceiling=ceiling,
-                     lazy=noisy, higher_is_better="loss" not in metric_name)
+                     lazy=noisy, higher_is_better="loss" not in metric_name,
+                     prefetch=max(0, getattr(evaluate.executor, "workers", 1) - 1))
     trials = pd.concat([pairs.trials, same.trials, combined.trials], ignore_index=True)
     evaluate.start("done", f"{evaluate.run} trials run, {evaluate.reused} reused")
     return SearchResult(

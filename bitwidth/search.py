@@ -161,12 +161,16 @@ class _Trace:
         self.rows: list[dict[str, Any]] = []
         self.round = 0
 
-    def __call__(self, labeled: list[tuple[dict[str, Any], dict[str, QuantSpec]]]) -> list[Verdict]:
+    def __call__(self, labeled: list[tuple[dict[str, Any], dict[str, QuantSpec]]],
+                 prefetch: Sequence[dict[str, QuantSpec]] = ()) -> list[Verdict]:
+        """Evaluate ``labeled`` plans in one round; ``prefetch`` plans ride along unrecorded
+        (idle workers run trials a later round will likely ask for; the store keeps them)."""
         if not labeled:
             return []
-        verdicts = list(self.evaluate([plan for _, plan in labeled]))
-        if len(verdicts) != len(labeled):
+        verdicts = list(self.evaluate([plan for _, plan in labeled] + list(prefetch)))
+        if len(verdicts) != len(labeled) + len(prefetch):
             raise ValueError(f"evaluate returned {len(verdicts)} verdicts for {len(labeled)} plans")
+        verdicts = verdicts[:len(labeled)]
         for (label, plan), v in zip(labeled, verdicts, strict=True):
             extra = {k: x for k, x in v.outcome.items() if x is None or isinstance(x, (bool, int, float, str))}
             self.rows.append({"strategy": self.strategy, "round": self.round, "layer": None, "kind": None,
@@ -271,7 +275,7 @@ def bisect(evaluate: Evaluate, space: SearchSpace, *,
 
 def joint(evaluate: Evaluate, space: SearchSpace, min_bits: Mapping[Pair, int | None], *,
           cost: Callable[[dict[str, QuantSpec]], float], ceiling: Mapping[Pair, int | None] | None = None,
-          lazy: bool = True, higher_is_better: bool = True) -> JointResult:
+          lazy: bool = True, higher_is_better: bool = True, prefetch: int = 0) -> JointResult:
     """Every pair at its isolated minimum together; repair greedily while that fails.
 
     Errors of separately harmless pairs add up. A repair raises one pair by one
@@ -287,7 +291,10 @@ def joint(evaluate: Evaluate, space: SearchSpace, min_bits: Mapping[Pair, int | 
     ``ceiling`` (e.g. each pair's larger of its minimum and the best uniform width) caps
     the raises until every pair has reached it: noisy metrics (short training runs)
     otherwise lure the greedy into raising cheap layers far past any need.
-    ``higher_is_better=False`` for a metric such as a loss.
+    ``higher_is_better=False`` for a metric such as a loss. ``prefetch`` (lazy only; e.g.
+    idle workers) adds that many speculative plans to each one-trial round: the next
+    raises the greedy will probably measure, assuming it accepts the current best. The
+    result is the same with any ``prefetch``; a right guess saves a round, a wrong one a trial.
 
     >>> from bitwidth.formats import IntFormat
     >>> space = SearchSpace([("a", "weight"), ("b", "weight")], (2, 4, 8), lambda layer, kind, n: IntFormat(n))
@@ -312,26 +319,51 @@ def joint(evaluate: Evaluate, space: SearchSpace, min_bits: Mapping[Pair, int | 
     scores: dict[Pair, tuple[bool, float]] = {}  # the last measured score of raising each pair
     measured: dict[Pair, tuple[dict[Pair, int | None], Verdict]] = {}  # raises measured on the current plan
 
-    def raise_one(pair: Pair) -> dict[Pair, int | None]:
-        return {**bits, pair: levels[levels.index(bits[pair]) + 1]}
+    def raise_one(pair: Pair, base: dict[Pair, int | None] | None = None) -> dict[Pair, int | None]:
+        base = bits if base is None else base
+        return {**base, pair: levels[levels.index(base[pair]) + 1]}
+
+    guessed: set[str] = set()
+
+    def score(p: Pair) -> tuple[bool, float]:
+        return scores.get(p, (True, math.inf))
+
+    def guesses(pair: Pair) -> list[dict[str, QuantSpec]]:
+        """Plans the next rounds will likely measure: alternately, raises after ``pair`` is
+        accepted (chained), and runners-up on this plan (in case its fresh score drops)."""
+        chain, base = [], bits
+        for _ in range(prefetch):
+            base = raise_one(chain[-1][0] if chain else pair, base)
+            options = movable_pairs(base)
+            if not options:
+                break
+            chain.append((max(options, key=score), base))
+        runners_up = [(p, bits) for p in sorted((p for p in movable_pairs() if p != pair), key=score, reverse=True)]
+        mixed = [x for two in zip(chain, runners_up, strict=False) for x in two]
+        mixed += chain[len(runners_up):] + runners_up[len(chain):]
+        return [space.plan(raise_one(p, base)) for p, base in mixed[:prefetch]]
 
     def measure(pairs: list[Pair]) -> None:
         raised = [raise_one(pair) for pair in pairs]
         labeled = [({"layer": p[0], "kind": p[1], "bits": b[p], "step": steps + 1}, space.plan(b))
                    for p, b in zip(pairs, raised, strict=True)]
         base_cost = cost(space.plan(bits))
-        for pair, b, v in zip(pairs, raised, trace(labeled), strict=True):
+        # A round whose plan an earlier guess already ran costs nothing: keep it free of new guesses.
+        ahead = guesses(pairs[0]) if len(pairs) == 1 and plan_label(labeled[0][1]) not in guessed else []
+        guessed.update(plan_label(plan) for plan in ahead)
+        for pair, b, v in zip(pairs, raised, trace(labeled, prefetch=ahead), strict=True):
             gain, added = sign * (v.metric - verdict.metric), max(cost(space.plan(b)) - base_cost, 1e-12)
             # A failed trial (NaN) never wins; with no gain anywhere, the least harmful raise.
             scores[pair] = (False, -math.inf) if math.isnan(gain) else (gain > 0, gain / added if gain > 0 else gain)
             measured[pair] = (b, v)
 
-    def below(pair: Pair, top: int | None) -> bool:
-        return levels.index(bits[pair]) < levels.index(top)
+    def below(pair: Pair, top: int | None, base: dict[Pair, int | None]) -> bool:
+        return levels.index(base[pair]) < levels.index(top)
 
-    def movable_pairs() -> list[Pair]:
-        capped = [p for p in space.pairs if ceiling is not None and below(p, ceiling[p])]
-        return capped if ceiling is not None and capped else [p for p in space.pairs if below(p, None)]
+    def movable_pairs(base: dict[Pair, int | None] | None = None) -> list[Pair]:
+        base = bits if base is None else base
+        capped = [p for p in space.pairs if ceiling is not None and below(p, ceiling[p], base)]
+        return capped if ceiling is not None and capped else [p for p in space.pairs if below(p, None, base)]
 
     while not verdict.passed and (movable := movable_pairs()):
         if not measured and (steps == 0 or not lazy):

@@ -33,9 +33,11 @@ class Fake:
         self.memo: dict[str, Verdict] = {}
         self.runs = 0
         self.rounds: list[int] = []
+        self.busy_rounds = 0  # rounds that ran at least one new plan (the ones that cost time)
 
     def __call__(self, plans):
         self.rounds.append(len(plans))
+        self.busy_rounds += any(plan_label(p) not in self.memo for p in plans)
         out = []
         for plan in plans:
             key = plan_label(plan)
@@ -280,3 +282,17 @@ def test_search_result_save_load_roundtrip(tmp_path):
 
     assert plan_from_dict(yaml.safe_load((tmp_path / "joint_plan.yaml").read_text())) == plan
     assert back.joint_plan["conv1"] == QuantSpec(weight="int4", activation="int8")
+
+
+@pytest.mark.parametrize("tol", [0.003, 0.0])
+def test_prefetch_gives_the_same_joint_plan_in_fewer_rounds(tol):
+    thresholds = dict(zip(PAIRS, (3, 4, 2, 5), strict=True))
+    space = _space(PAIRS, (2, 3, 4, 5, 6, 8))
+    cost = _relative_cost(dict(zip(PAIRS, (1.0, 3.0, 0.5, 2.0), strict=True)))
+    plain, ahead = Fake(_additive(thresholds), tol=tol), Fake(_additive(thresholds), tol=tol)
+    base = joint(plain, space, thresholds, cost=cost)
+    fast = joint(ahead, space, thresholds, cost=cost, prefetch=1)
+    assert fast.bits == base.bits and fast.passed == base.passed and fast.steps == base.steps
+    assert base.steps >= 3
+    assert ahead.busy_rounds < 0.7 * plain.busy_rounds  # guesses that came true saved rounds
+    assert ahead.runs <= plain.runs + 3  # and cost few trials that were not needed
