@@ -94,6 +94,14 @@ def _cmd_formats(names: Sequence[str] | None) -> int:
 
 def _cmd_validate(path: str, overrides: list[str]) -> int:
     cfg = load_config(path, overrides)
+    try:  # layer patterns need the model; a data set that is not here yet only skips this check
+        task = _task(cfg)
+    except (OSError, RuntimeError) as err:
+        print(f"note: layer patterns not checked, the task could not be built here ({err})")
+    else:
+        from .runner import select_layers
+
+        select_layers(task.build_model(cfg.seeds[0]), cfg.search.layers)
     s = cfg.search
     print(f"{path}: ok — {cfg.mode} on {cfg.task.model}@{cfg.task.data}, {s.family} {s.candidates}, "
           f"kinds {', '.join(s.kinds)}, strategy {s.strategy}, criterion {cfg.criterion.name}, "

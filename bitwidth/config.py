@@ -208,6 +208,10 @@ def _semantic_errors(raw: dict[str, Any]) -> list[str]:
             except (ValueError, TypeError) as err:
                 errors.append(f"search.options: {err} (family {family!r} at {bits!r} bits)")
                 break
+    kinds = search.get("kinds", [])
+    if raw.get("mode", "ptq") == "ptq" and isinstance(kinds, list) and "gradient" in kinds:
+        errors.append("search.kinds: 'gradient' exists only in mode 'train' (the backward pass); "
+                      "use mode: train, or kinds weight and activation")
     task = raw.get("task") if isinstance(raw.get("task"), dict) else {}
     data, model = task.get("data", "digits"), task.get("model", "digits_cnn")
     if isinstance(data, str) and not (data.lower() in DATA_FORMS or data.startswith("imagefolder:")):

@@ -37,9 +37,9 @@ from .formats import Format
 from .search import STRATEGIES, Pair, SearchResult, SearchSpace, Verdict, bisect, grid, joint, together, uniform
 from .stats import record
 from .store import TrialStore, trial_key
-from .wrap import KINDS, QuantSpec, covered_layers, plan_from_dict, plan_to_dict
+from .wrap import KINDS, QuantSpec, covered_layers, plan_from_dict, plan_to_dict, resolve_plan
 
-__all__ = ["STORE_FILE", "ProgressEvent", "TrialContext", "run_search", "run_trial_item"]
+__all__ = ["select_layers", "STORE_FILE", "ProgressEvent", "TrialContext", "run_search", "run_trial_item"]
 
 STORE_FILE = "trials.jsonl"
 
@@ -181,13 +181,18 @@ def _mean_metrics(metrics: list[Mapping[str, float]]) -> dict[str, float]:
     return {n: statistics.fmean(float(m.get(n, math.nan)) for m in metrics) for n in names}
 
 
-def _select_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
+def select_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
+    """The covered layers that names or glob patterns select, in model order.
+
+    Every name and pattern must select something: one that does not is a typo, and the
+    ``ValueError`` names the closest real layers.
+
+    >>> select_layers(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2)), ["2", "0*"])
+    ['0', '2']
+    """
     patterns = [layers] if isinstance(layers, str) else list(layers)
-    names = list(covered_layers(model))
-    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    if not chosen:
-        raise ValueError(f"layers {patterns} match no quantizable layer; layers: {', '.join(names)}")
-    return chosen
+    resolve_plan(model, dict.fromkeys(patterns, QuantSpec()))  # raises, naming the closest layers
+    return [n for n in covered_layers(model) if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
 def _data_absmax(task: Any, baseline: _trial.Baseline, layers: Sequence[str], kinds: Sequence[str], *,
@@ -295,7 +300,7 @@ def run_search(
     if "absmax" in fam_opts:
         raise ValueError("family_options cannot set absmax: it is measured per layer from the data")
     model = task.build_model(seeds[0])
-    names = _select_layers(model, layers)
+    names = select_layers(model, layers)
     costs = CostModel.measure(model, task.example_input())
     # Bad family options fail here, before any training.
     make_format(family, max(candidates, default=8), **fam_opts, **({"absmax": 1.0} if needs_absmax(family) else {}))

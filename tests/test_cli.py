@@ -124,3 +124,8 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path):
     assert store.read_text().splitlines()[: len(kept)] == kept  # appended to, never rewritten
     summary = yaml.safe_load((out / "summary.yaml").read_text())
     assert summary["counts"]["trials_reused"] >= len(kept)
+
+
+def test_validate_checks_layer_patterns_against_the_model(capsys):
+    assert main(["validate", str(ROOT / "configs/quickstart.yaml"), "--set", "search.layers=[conv1, fc3]"]) == 2
+    assert "'fc3' matches no quantizable layer; closest layer names: fc2" in capsys.readouterr().err

@@ -92,3 +92,9 @@ def test_missing_and_malformed_files(tmp_path):
     p.write_text("mode: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(p)
+
+
+def test_gradient_kind_needs_training_mode():
+    with pytest.raises(ConfigError, match="search.kinds: 'gradient' exists only in mode 'train'"):
+        load_config(None, ["search.kinds=[weight, gradient]"])
+    assert load_config(None, ["mode=train", "search.kinds=[gradient]"]).search.kinds == ["gradient"]
