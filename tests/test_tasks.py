@@ -14,15 +14,6 @@ from bitwidth.tasks import Task, load_data, load_digits_split, make_task
 from bitwidth.tasks.models import digits_cnn, digits_mlp
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The models are tiny: a second intra-op thread only adds contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def _user_module_on_path(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))

@@ -14,15 +14,6 @@ from bitwidth.tasks import make_task
 from bitwidth.trial import BASELINE_FILE, Baseline, TrialOptions, TrialOutcome, run_trial, train_baseline
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The models are tiny: a second intra-op thread only adds contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def task():
     return make_task("digits_mlp")
