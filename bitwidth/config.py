@@ -158,7 +158,11 @@ class Config(_Section):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.out) if self.out else Path("runs") / self.run_name
+        return Path(self.out) if self.out else _default_run_dir(self.name)
+
+
+def _default_run_dir(name: str | None) -> Path:
+    return Path("runs") / (name or "run")
 
 
 # ----------------------------------------------------------------------------- errors
@@ -294,8 +298,8 @@ def _variant_raw(raw: dict[str, Any], name: str, changes: dict[str, Any]) -> dic
     variant = copy.deepcopy({k: v for k, v in raw.items() if k != "variants"})
     for key, value in changes.items():
         _set_path(variant, str(key), copy.deepcopy(value))
-    base = Config.model_fields["out"].default if raw.get("out") is None else raw["out"]
-    variant["out"] = str(Path(base or Path("runs") / str(raw.get("name") or "run")) / name)
+    parent = raw.get("out") or _default_run_dir(raw.get("name"))
+    variant["out"] = str(Path(parent) / name)
     variant["name"] = f"{raw.get('name') or 'run'}-{name}"
     return variant
 

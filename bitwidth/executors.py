@@ -23,7 +23,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Done", "Executor", "LocalExecutor", "ProcessExecutor", "RayExecutor", "make_executor", "EXECUTORS"]
+__all__ = ["Done", "Executor", "LocalExecutor", "ProcessExecutor", "RayExecutor", "make_executor", "start_local_ray",
+           "EXECUTORS"]
 
 EXECUTORS = ("local", "process", "ray")
 
@@ -232,10 +233,7 @@ class RayExecutor(Executor):
         if ray.is_initialized():
             return
         if self.address == "local":
-            # Local workers see the driver's import path, so user task modules import there too.
-            env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
-            ray.init(num_cpus=self._workers or os.cpu_count(), include_dashboard=False,
-                     log_to_driver=False, configure_logging=False, runtime_env=env)
+            start_local_ray(self._workers or os.cpu_count() or 1)
         else:
             ray.init(address=self.address, log_to_driver=False, configure_logging=False)
         self._started_here = True
@@ -291,6 +289,18 @@ class RayExecutor(Executor):
             if self._started_here:
                 self.ray.shutdown()
                 self._started_here = False
+
+
+def start_local_ray(num_cpus: int) -> Any:
+    """Start a private Ray instance on this machine (no dashboard); returns the ``ray`` module.
+
+    Its workers see this process's import path, so user task modules import there too.
+    """
+    ray = _import_ray()
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env=env)
+    return ray
 
 
 _RAY_WORKER: list[Any] = []

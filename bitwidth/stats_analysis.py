@@ -12,7 +12,7 @@ static calibration does; per-channel integer formats are analyzed per tensor.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -127,15 +127,21 @@ def analyze(recorder: Recorder, formats: str | Format | Iterable[str | Format], 
     (['int8', 'int4'], True)
     """
     fmts = _as_formats(formats)
+    return _error_table(recorder, quantized, lambda row: [(fmt, family_of(fmt), fmt.bits) for fmt in fmts])
+
+
+def _error_table(recorder: Recorder, quantized: bool | None,
+                 formats_for: Callable[[pd.Series], list[tuple[Format, str, int]]]) -> pd.DataFrame:
+    """One row per recorded stream and ``(format, family, bits)`` that ``formats_for(stream)`` gives."""
     streams = _streams(recorder, quantized)
+    keys = _key_cols(streams)
     rows = []
     for _, row in streams.iterrows():
         x = _sample_of(recorder, row)
-        for fmt in fmts:
+        for fmt, family, bits in formats_for(row):
             err = _error(fmt, x, row["min"], row["max"])
-            rows.append({**row[_key_cols(streams)].to_dict(), "format": fmt.name, "family": family_of(fmt),
-                         "bits": fmt.bits, **err})
-    return pd.DataFrame(rows, columns=_key_cols(streams) + ["format", "family", "bits"] + _METRICS)
+            rows.append({**row[keys].to_dict(), "format": fmt.name, "family": family, "bits": bits, **err})
+    return pd.DataFrame(rows, columns=keys + ["format", "family", "bits"] + _METRICS)
 
 
 def resolve_format(spec: str | Format | tuple[str, int], absmax: float) -> Format:
@@ -175,17 +181,12 @@ def sweep(recorder: Recorder, family: str, candidates: Iterable[int], **options:
     ns = sorted(set(candidates))
     if not ns or not all(isinstance(b, int) and not isinstance(b, bool) for b in ns):
         raise ValueError(f"candidates must be integers, got {candidates!r}")
-    streams = _streams(recorder, False)
-    keys = _key_cols(streams)
-    rows = []
-    for _, row in streams.iterrows():
-        x = _sample_of(recorder, row)
-        for n in ns:
-            extra = {"absmax": float(row["absmax"]) if row["count"] else 0.0} if needs_absmax(family) else {}
-            fmt = make_format(family, n, **extra, **options)
-            err = _error(fmt, x, row["min"], row["max"])
-            rows.append({**row[keys].to_dict(), "format": fmt.name, "family": family, "bits": n, **err})
-    return pd.DataFrame(rows, columns=keys + ["format", "family", "bits"] + _METRICS)
+
+    def formats_for(row: pd.Series) -> list[tuple[Format, str, int]]:
+        extra = {"absmax": float(row["absmax"]) if row["count"] else 0.0} if needs_absmax(family) else {}
+        return [(make_format(family, n, **extra, **options), family, n) for n in ns]
+
+    return _error_table(recorder, False, formats_for)
 
 
 def predict_min_bits(recorder: Recorder, family: str, candidates: Iterable[int], *,

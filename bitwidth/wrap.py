@@ -26,7 +26,7 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from . import functional as F
-from .formats import Format, IntFormat, format_to_dict, parse_format
+from .formats import Format, IntFormat, format_from_dict, format_to_dict, parse_format
 
 __all__ = [
     "KINDS",
@@ -88,8 +88,6 @@ def as_spec(value: SpecLike) -> QuantSpec:
         unknown = set(value) - set(KINDS)
         if unknown:
             raise ValueError(f"unknown kind(s) {sorted(unknown)} in spec; allowed: {list(KINDS)}")
-        from .formats import format_from_dict
-
         return QuantSpec(**{k: format_from_dict(v) if isinstance(v, Mapping) else v for k, v in value.items()})
     fmt = parse_format(value)
     return QuantSpec(weight=fmt, activation=fmt)

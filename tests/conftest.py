@@ -11,11 +11,9 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance (2 CPUs, no dashboard) for every Ray test: starting one costs ~10 s."""
-    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'bitwidth[ray]')")
-    import os
-    import sys
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'bitwidth[ray]')")
+    from bitwidth.executors import start_local_ray
 
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, runtime_env=env)
+    ray = start_local_ray(num_cpus=2)
     yield ray
     ray.shutdown()

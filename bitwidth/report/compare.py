@@ -61,9 +61,9 @@ def plot_comparison(min_bits: pd.DataFrame) -> MplFigure:
     return fig
 
 
-def comparison_document(run_dir: Path, names: list[str]) -> Document:
-    """The comparison as a report document (same writers and look as a run's report)."""
-    min_bits, summary = comparison_frame(run_dir, names)
+def comparison_document(min_bits: pd.DataFrame, summary: pd.DataFrame, names: list[str]) -> Document:
+    """The comparison (tables of :func:`comparison_frame`) as a report document, so it has
+    the same writers and look as a run's report."""
     links = ", ".join(f"[{n}]({n}/report.html)" for n in names)
     section = Section("Minimum bits by variant", "variants", "answer", [
         Text("The same search run several ways; each variant's full report: " + links + "."),
@@ -79,9 +79,10 @@ def comparison_document(run_dir: Path, names: list[str]) -> Document:
 def write_comparison(run_dir: str | Path, names: list[str]) -> dict[str, Path]:
     """Write ``comparison.csv``, ``variants.yaml``, ``report.md`` and ``report.html`` into ``run_dir``."""
     run_dir = Path(run_dir)
-    doc = comparison_document(run_dir, names)
+    min_bits, summary = comparison_frame(run_dir, names)
+    doc = comparison_document(min_bits, summary, names)
     (run_dir / "variants.yaml").write_text(yaml.safe_dump(list(names)))
-    comparison_frame(run_dir, names)[0].to_csv(run_dir / "comparison.csv", index=False)
+    min_bits.to_csv(run_dir / "comparison.csv", index=False)
     paths = {"html": run_dir / "report.html", "markdown": run_dir / "report.md", "csv": run_dir / "comparison.csv"}
     paths["html"].write_text(render_html(doc), encoding="utf-8")
     # Markdown keeps figures as files beside it, like a run's report.
