@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .stats_kernels import abs_histogram, central_sums, reservoir_plan, sum_zeros
+
 __all__ = ["StreamStats", "hist_edges", "PERCENTILES", "STAT_COLUMNS"]
 
 PERCENTILES = (99.0, 99.9, 99.99)
@@ -34,7 +36,13 @@ _SHIFT = 20
 _NBINS = 255 << 3
 _EDGES = (np.arange(_NBINS + 1, dtype=np.uint32) << _SHIFT).view(np.float32).astype(np.float64)
 _HUGE = 10**9  # numpy's hypergeometric sampler refuses populations from here on
+_SPARSE = 512  # Algorithm L samples a batch when fewer of its values than this are expected to enter
 _DIRECT = 1 << 16  # batches of at least this many values are merged at once, smaller ones pooled
+
+
+def _compiled(x: Tensor) -> bool:
+    """Whether ``x``'s statistics go through the compiled kernels (CPU data) or tensor ops."""
+    return x.device.type == "cpu"
 
 
 def hist_edges() -> np.ndarray:
@@ -50,19 +58,21 @@ class StreamStats:
     """Running statistics of one (layer, kind, quantized, step), merged batch by batch."""
 
     __slots__ = ("count", "nan", "inf", "zeros", "min", "max", "mean", "m2", "m3", "m4",
-                 "hist", "sample", "seen", "k", "seed", "rng", "buf", "buf_n")
+                 "hist", "sample", "seen", "k", "seed", "rng", "lstate", "w", "nxt", "buf", "buf_n", "buf_cap")
 
     def __init__(self, sample_size: int, seed: Sequence[int]) -> None:
         self.count = self.nan = self.inf = self.zeros = self.seen = 0
         self.min, self.max = math.inf, -math.inf
         self.mean = self.m2 = self.m3 = self.m4 = 0.0
-        self.hist: Tensor | None = None
+        self.hist = torch.zeros(2048, dtype=torch.int64)  # on the CPU whatever the data's device
         self.sample = torch.empty(0)
-        self.buf: Tensor | None = None  # pooled small batches, (up to _DIRECT,)
-        self.buf_n = 0
+        self.buf: Tensor | None = None  # pooled small batches, (buf_cap,) with buf_cap <= _DIRECT
+        self.buf_n = self.buf_cap = 0
         self.k = sample_size
         self.seed = list(seed)
         self.rng: np.random.Generator | None = None  # made when the sample first overflows: cheap streams
+        self.lstate = np.zeros(1, np.uint64)  # Algorithm L's generator, seeded from rng
+        self.w, self.nxt = 0.0, -1  # Algorithm L's threshold key and next index; -1: not running
 
     def add(self, x: Tensor, pool: bool = True) -> None:
         """Merge a batch in; small ones are pooled in a buffer and merged together."""
@@ -71,20 +81,24 @@ class StreamStats:
         if n >= _DIRECT or not pool:
             self._update(x.reshape(-1).float())
             return
-        # Each merge costs ~15 tensor ops whatever the size, so small batches (tiny
-        # models) are pooled first. The copy is needed anyway: the caller may change
-        # its tensor in place later (a residual ``out += x``, reused gradient buffers).
-        if self.buf is not None and (self.buf.device != x.device or self.buf_n + n > _DIRECT):
-            self.flush()
-        if self.buf is None or self.buf.device != x.device or len(self.buf) < self.buf_n + n:
+        # Each merge has a fixed cost of about ten calls, so small batches (tiny models)
+        # are pooled first. The copy is needed anyway: the caller may change its tensor
+        # in place later (a residual ``out += x``, reused gradient buffers).
+        end = self.buf_n + n
+        buf = self.buf
+        if buf is None or end > self.buf_cap or buf.device != x.device:
+            if buf is not None and (end > _DIRECT or buf.device != x.device):
+                self.flush()
+                end = n
             # Grow geometrically up to _DIRECT: a stream that only ever sees a few values
             # keeps a small buffer.
-            grown = torch.empty(min(_DIRECT, max(4096, 2 * (self.buf_n + n))), device=x.device)
+            self.buf_cap = min(_DIRECT, max(4096, 2 * end))
+            grown = torch.empty(self.buf_cap, device=x.device)
             if self.buf_n:
-                grown[:self.buf_n].copy_(self.buf[:self.buf_n])  # type: ignore[index]
-            self.buf = grown
-        self.buf[self.buf_n:self.buf_n + n].copy_(x.reshape(-1))
-        self.buf_n += n
+                grown[:self.buf_n] = buf[:self.buf_n]  # type: ignore[index]
+            self.buf = buf = grown
+        buf[self.buf_n:end] = x.reshape(-1)
+        self.buf_n = end
 
     def flush(self, release: bool = False) -> None:
         """Merge the buffered batches; ``release`` also frees the buffer."""
@@ -92,40 +106,52 @@ class StreamStats:
             n, self.buf_n = self.buf_n, 0
             self._update(self.buf[:n])  # type: ignore[index]
         if release:
-            self.buf = None
+            self.buf, self.buf_cap = None, 0
 
     def _update(self, x: Tensor) -> None:
-        total = float(x.sum())
+        """Merge one flat float32 batch: compiled kernels on the CPU, tensor ops elsewhere."""
+        on_cpu = _compiled(x)
+        total, zeros = sum_zeros(x.numpy()) if on_cpu else (float(x.sum(dtype=torch.float64)), 0)
         if not math.isfinite(total):
-            # Only batches holding NaN/Inf (or overflowing float32) take this path; the
-            # non-finite values are counted here and left out of every other figure.
+            # Only batches holding NaN/Inf take this path; the non-finite values are
+            # counted here and left out of every other figure.
             finite = torch.isfinite(x)
             nan = int(torch.isnan(x).sum())
             self.nan += nan
             self.inf += x.numel() - nan - int(finite.sum())
             x = x[finite]
-            total = float(x.sum(dtype=torch.float64))
+            total, zeros = sum_zeros(x.numpy()) if on_cpu else (float(x.sum(dtype=torch.float64)), 0)
         n = x.numel()
         if n == 0:
             return
         mean = total / n
-        d = x - mean  # (n,) centred first, so the power sums do not cancel
-        d2 = d * d
-        s2 = d2.sum()  # cascade sums: torch.dot accumulates in float32 and drifts by 1e-3
-        s3 = d.mul_(d2).sum()
-        s4 = d2.mul_(d2).sum()
-        mn, mx = torch.aminmax(x)
-        lo, hi, m2, m3, m4 = torch.stack([mn, mx, s2, s3, s4]).tolist()  # one sync for five figures
+        if on_cpu:
+            a = x.numpy()
+            m2, m3, m4 = central_sums(a, mean)
+            abs_histogram(a, self.hist.numpy())
+            lo, hi = (float(t) for t in torch.aminmax(x))
+        else:
+            zeros, (lo, hi, m2, m3, m4) = self._update_torch(x, mean)
         self._merge(n, mean, m2, m3, m4)
         self.min, self.max = min(self.min, lo), max(self.max, hi)
-        codes = x.view(torch.int32) >> _SHIFT
-        codes.bitwise_and_(0x7FF)  # drop the sign: a histogram of |x|
-        h = torch.bincount(codes, minlength=2048)
-        self.hist = h if self.hist is None else self.hist.add_(h)
-        if int(h[0]):  # zeros all land in bin 0; count them only when it is occupied
-            self.zeros += n - int(x.bool().sum())
+        self.zeros += zeros
         if self.k:
             self._sample(x, n)
+
+    def _update_torch(self, x: Tensor, mean: float) -> tuple[int, list[float]]:
+        # The same figures with tensor ops, for data on an accelerator.
+        d = x - mean  # centred first, so the power sums do not cancel
+        d2 = d * d
+        s2 = d2.sum(dtype=torch.float64)
+        s3 = d.mul_(d2).sum(dtype=torch.float64)
+        s4 = d2.mul_(d2).sum(dtype=torch.float64)
+        mn, mx = torch.aminmax(x)
+        codes = x.view(torch.int32) >> _SHIFT
+        codes.bitwise_and_(0x7FF)  # drop the sign: a histogram of |x|
+        self.hist += torch.bincount(codes, minlength=2048).cpu()
+        zeros = x.numel() - torch.count_nonzero(x)
+        *figures, z = torch.stack([mn.double(), mx.double(), s2, s3, s4, zeros.double()]).tolist()  # one sync
+        return int(z), figures
 
     def _merge(self, nb: int, mb: float, m2b: float, m3b: float, m4b: float) -> None:
         # Pairwise update of central moments (Pébay 2008): exact in exact arithmetic, and
@@ -141,35 +167,46 @@ class StreamStats:
         self.count = n
 
     def _sample(self, x: Tensor, n: int) -> None:
+        # The first k values fill the sample; after that it stays a uniform sample of all
+        # values seen, by one of two exact methods, whichever is cheaper for the batch.
         k, seen = self.k, self.seen
         self.seen = seen + n
-        if seen + n <= k:
-            self.sample = torch.cat([self.sample, x.cpu()])
+        fill = min(n, max(0, k - seen))
+        if fill:
+            self.sample = torch.cat([self.sample, x[:fill].cpu()])
+        seen, n = seen + fill, n - fill
+        if n == 0:
             return
         if self.rng is None:
             self.rng = np.random.default_rng(self.seed)
         rng = self.rng
-        # A uniform sample of old + new data: how many of the k come from the new data is
-        # hypergeometric; they are drawn uniformly and replace uniformly chosen old ones.
+        if k * n < _SPARSE * (seen + n):
+            # Few values enter: draw the gaps between them (Algorithm L). Its state, the
+            # k-th smallest of the keys so far, is independent of which values are in
+            # the sample, so it can start here with a fresh draw from its distribution.
+            if self.nxt < 0:
+                self.lstate = rng.integers(2**63, size=1, dtype=np.uint64)
+                self.w = rng.beta(k, seen - k + 1)
+            pos, slots, self.w, self.nxt = reservoir_plan(self.lstate, k, seen, n, self.w, self.nxt)
+            if x.device.type == "cpu":
+                self.sample.numpy()[slots] = x.numpy()[pos + fill]
+            elif len(pos):
+                self.sample[torch.from_numpy(slots)] = x[torch.from_numpy(pos + fill).to(x.device)].cpu()
+            return
+        self.nxt = -1  # many enter: the other method, vectorised; Algorithm L restarts later
+        # How many of the k come from the new data is hypergeometric; they are drawn
+        # uniformly and replace uniformly chosen old ones.
         if seen < _HUGE and n < _HUGE:
             new = k - int(rng.hypergeometric(seen, n, k))
         else:  # populations this large make the binomial indistinguishable
             new = int(rng.binomial(k, n / (seen + n)))
-        new = min(max(new, k - seen), n)
-        if not new:
-            return
-        picked = x[torch.from_numpy(rng.choice(n, new, replace=False)).to(x.device)].cpu()
-        if len(self.sample) < k:  # the first time the sample fills up
-            keep = torch.from_numpy(rng.choice(len(self.sample), k - new, replace=False))
-            self.sample = torch.cat([self.sample[keep], picked])
-        else:
+        if new:
+            picked = x[torch.from_numpy(rng.choice(n, new, replace=False) + fill).to(x.device)].cpu()
             self.sample[torch.from_numpy(rng.choice(k, new, replace=False))] = picked
 
     def histogram(self) -> np.ndarray:
         """Counts of nonzero finite |x| per bin of :func:`hist_edges`."""
-        if self.hist is None:
-            return np.zeros(_NBINS, dtype=np.int64)
-        h = self.hist[:_NBINS].cpu().numpy().copy()
+        h = self.hist[:_NBINS].numpy().copy()
         h[0] -= self.zeros  # zeros share bin 0 with the tiniest subnormals
         return h
 
@@ -206,7 +243,7 @@ class StreamStats:
         return s
 
 
-_NOT_SAVED = ("hist", "rng", "sample", "buf", "buf_n")
+_NOT_SAVED = ("hist", "rng", "lstate", "w", "nxt", "sample", "buf", "buf_n", "buf_cap")
 
 
 def _abs_percentiles(hist: np.ndarray, zeros: int, count: int, absmax: float, qs: Iterable[float]) -> list[float]:

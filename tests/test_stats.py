@@ -416,3 +416,92 @@ def test_fixed_family_places_the_binary_point_like_the_search(act_recorder):
     sw = sweep(act_recorder, "fixed", [6, 8, 12])
     assert sw["format"].tolist() == [make_format("fixed", b, absmax=absmax).name for b in (6, 8, 12)]
     assert (sw["clip_frac"] == 0).all() and sw["sqnr_db"].is_monotonic_increasing
+
+
+# ---------------------------------------------------------------- compiled kernels and sampler
+def test_kernels_match_numpy():
+    from bitwidth.stats_kernels import abs_histogram, central_sums, sum_zeros
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(5001, generator=g) * 1e3, torch.zeros(700), torch.rand(300, generator=g) * 1e-40,
+                   -torch.rand(99, generator=g).exp()])
+    a = x.numpy()
+    a64 = a.astype(np.float64)
+    total, zeros = sum_zeros(a)
+    assert total == pytest.approx(a64.sum(), rel=1e-12) and zeros == 700 + int((a[5701:6001] == 0).sum())
+    d = a64 - 3.0
+    assert central_sums(a, 3.0) == pytest.approx(((d**2).sum(), (d**3).sum(), (d**4).sum()), rel=1e-10)
+    hist = np.zeros(2048, np.int64)
+    hist[5] = 7  # the kernel adds to what is there
+    abs_histogram(a, hist)
+    codes = (np.abs(a).view(np.int32) >> 20)  # bit pattern of |x|: exponent and top 3 mantissa bits
+    expected = np.bincount(codes, minlength=2048)
+    expected[5] += 7
+    assert np.array_equal(hist, expected)
+    # Subnormals share bin 0 with the zeros; the bins are those of hist_edges.
+    assert hist[0] >= 700 and bin_of(float(a[0])) == codes[0]
+
+
+def test_reservoir_plan_is_deterministic_and_names_each_slot_once():
+    from bitwidth.stats_kernels import reservoir_plan
+
+    state = np.array([7], np.uint64)
+    # w near 1 (the reservoir just filled): ~k ln(N/k) = 100 values enter, so every slot is hit.
+    pos, slots, w, nxt = reservoir_plan(state, 16, 16, 10_000, 1.0 - 1e-9, -1)
+    assert len(np.unique(slots)) == len(slots) == 16 and np.array_equal(np.sort(slots), np.arange(16))
+    assert 0 <= pos.min() and pos.max() < 10_000 and len(np.unique(pos)) == 16
+    assert nxt >= 16 + 10_000 and 0 < w < 0.05  # w fell to about k / N
+    state2 = np.array([7], np.uint64)
+    again = reservoir_plan(state2, 16, 16, 10_000, 1.0 - 1e-9, -1)
+    assert np.array_equal(again[0], pos) and np.array_equal(again[1], slots) and state2[0] == state[0]
+    # Far into a stream few values enter, and a batch the next pick lies beyond gets none.
+    pos, slots, w2, nxt2 = reservoir_plan(state, 16, 10**9, 10_000, 16 / 10**9, -1)
+    assert len(pos) <= 3 and w2 <= 16 / 10**9
+    none = reservoir_plan(state, 16, 10**9 + 10_000, nxt2 - 10**9 - 10_000, w2, nxt2)
+    assert len(none[0]) == 0 and none[3] == nxt2
+
+
+@pytest.mark.parametrize("sizes", [[2500] * 400, [50_000, 300, 300, 200_000, 100, 7, 250_000, 2000, 40, 197_253]],
+                         ids=["many-small", "mixed"])
+def test_reservoir_stays_uniform_across_both_sampling_methods(sizes):
+    """The dense (hypergeometric) and sparse (Algorithm L) methods, and switches between them."""
+    from bitwidth.stats_stream import StreamStats
+
+    total = sum(sizes)
+    data = torch.arange(total, dtype=torch.float32)
+    counts = np.zeros(10)
+    for seed in range(20):
+        s = StreamStats(1024, [seed])
+        for part in data.split(sizes):
+            s.add(part, pool=False)
+        assert len(s.sample.unique()) == 1024
+        counts += np.histogram(s.sample.numpy(), bins=10, range=(0, total))[0]
+    expected = 20 * 1024 / 10
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 27.9, counts  # 9 degrees of freedom, p = 0.001
+
+
+def test_tensor_op_path_matches_the_compiled_kernels(monkeypatch, batches):
+    """Data on an accelerator takes the tensor-op path; here it is forced on the CPU."""
+    from bitwidth import stats_stream
+
+    model = nn.Sequential(nn.Linear(8, 4))
+    bad = batches[1].clone()
+    bad[0, 0], bad[1, 1] = float("nan"), float("inf")
+
+    def run() -> Recorder:
+        with record(model, kinds="activation") as rec:
+            for x in (*batches, bad, batches[2]):
+                model(x)
+        return rec
+
+    kernels = run()
+    monkeypatch.setattr(stats_stream, "_compiled", lambda x: False)
+    ops = run()
+    a, b = kernels.to_frame(), ops.to_frame()
+    exact = ["count", "min", "max", "absmax", "zero_frac", "nan_count", "inf_count", "p99", "p999", "p9999"]
+    pd.testing.assert_frame_equal(a[exact], b[exact])
+    for col in ("mean", "std", "kurtosis"):
+        assert a[col].iloc[0] == pytest.approx(b[col].iloc[0], rel=1e-6)
+    pd.testing.assert_frame_equal(kernels.hist_frame(), ops.hist_frame())
+    assert torch.equal(kernels.sample("0", "activation"), ops.sample("0", "activation"))

@@ -1,0 +1,127 @@
+"""Compiled one-pass kernels behind the streaming statistics on CPU (numba).
+
+Each statistic would cost PyTorch several passes over the data (a temporary per
+power, an extra pass for the bin codes, a branchy ``bincount``); on a small model
+that is as much compute as the model's own step. These loops do the same work in
+three passes in all, accumulating in float64. They are pure functions of NumPy
+arrays and are checked against NumPy in the tests. ``cache=True`` keeps the compiled
+code on disk, so only the first use on a machine pays the compile (a few seconds).
+
+>>> import numpy as np
+>>> x = np.array([0.0, 1.0, -2.0, 4.0], dtype=np.float32)
+>>> sum_zeros(x)
+(3.0, 1)
+>>> central_sums(x, 0.75)[0]
+18.75
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+__all__ = ["sum_zeros", "central_sums", "abs_histogram", "reservoir_plan", "uniform"]
+
+# Reassociation lets the reductions vectorize; no "nnan"/"ninf": a NaN or Inf must
+# reach the sum, which is how the caller detects a batch holding one.
+_FAST = {"reassoc", "contract"}
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def sum_zeros(a: np.ndarray) -> tuple[float, int]:  # pragma: no cover - compiled
+    """Sum (float64) and number of exact zeros of a float32 vector."""
+    s = 0.0
+    z = 0
+    for i in range(a.size):
+        v = a[i]
+        s += v
+        z += v == 0
+    return s, z
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def central_sums(a: np.ndarray, mean: float) -> tuple[float, float, float]:  # pragma: no cover - compiled
+    """Sums of (x - mean)**2, **3 and **4 in float64 (finite input)."""
+    s2 = s3 = s4 = 0.0
+    for i in range(a.size):
+        d = np.float64(a[i]) - mean
+        d2 = d * d
+        s2 += d2
+        s3 += d2 * d
+        s4 += d2 * d2
+    return s2, s3, s4
+
+
+@njit(cache=True, nogil=True)
+def abs_histogram(a: np.ndarray, hist: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Add the counts of |x| per bin (8 bins per octave: exponent and top 3 mantissa bits) to ``hist``.
+
+    The bin of x is its float32 bit pattern shifted right by 20, sign dropped. Four
+    interleaved partial histograms break the chain of increments to one counter that
+    concentrated data (ReLU zeros) would otherwise serialise on.
+    """
+    bits = a.view(np.int32)
+    sub = np.zeros((4, 2048), np.int32)
+    for i in range(a.size):
+        sub[i & 3, (bits[i] >> 20) & 0x7FF] += 1
+    for j in range(2048):
+        hist[j] += sub[0, j] + sub[1, j] + sub[2, j] + sub[3, j]
+
+
+@njit(cache=True)
+def uniform(state: np.ndarray) -> float:  # pragma: no cover - compiled
+    """The next uniform draw in (0, 1) from a splitmix64 generator whose state is ``state[0]``."""
+    state[0] += np.uint64(0x9E3779B97F4A7C15)
+    z = state[0]
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (np.float64(z >> np.uint64(11)) + 0.5) * 2.0**-53
+
+
+@njit(cache=True)
+def _skip(state: np.ndarray, w: float) -> int:  # pragma: no cover - compiled
+    gap = math.floor(math.log(uniform(state)) / math.log1p(-w))
+    return int(min(gap, 2.0**62))  # w underflowing makes the gap unbounded: never again
+
+
+@njit(cache=True)
+def reservoir_plan(state: np.ndarray, k: int, seen: int, n: int,
+                   w: float, nxt: int) -> tuple[np.ndarray, np.ndarray, float, int]:  # pragma: no cover
+    """Which of ``n`` new values enter a full reservoir of ``k`` that has seen ``seen`` (Algorithm L).
+
+    Li (1994): think of every value as carrying a uniform key, the reservoir holding
+    the k smallest; ``w`` is the k-th smallest key so far. Instead of a draw per value,
+    the gap to the next value whose key is below ``w`` is drawn directly, so a batch
+    costs O(values that enter). ``nxt`` is the global index of that next value (pass
+    -1 to draw it from ``w``). Returns (positions in the batch, reservoir slots, w, nxt);
+    each slot appears once, with the last value drawn for it, so the plan can be
+    applied in any order.
+    """
+    if nxt < 0:
+        nxt = seen + _skip(state, w)
+    cap = 16 + 2 * int(k * n / (seen + n))  # about twice the expected count; grown if short
+    pos = np.empty(cap, np.int64)
+    slots = np.empty(cap, np.int64)
+    m = 0
+    while nxt < seen + n:
+        if m == cap:
+            cap *= 2
+            pos = np.concatenate((pos, np.empty(cap - m, np.int64)))
+            slots = np.concatenate((slots, np.empty(cap - m, np.int64)))
+        pos[m] = nxt - seen
+        slots[m] = int(uniform(state) * k)
+        m += 1
+        w *= math.exp(math.log(uniform(state)) / k)
+        nxt += _skip(state, w) + 1
+    taken = np.zeros(k, np.bool_)
+    j = m
+    for i in range(m - 1, -1, -1):  # later draws overwrite earlier ones: keep the last per slot
+        if not taken[slots[i]]:
+            taken[slots[i]] = True
+            j -= 1
+            pos[j] = pos[i]
+            slots[j] = slots[i]
+    return pos[j:m], slots[j:m], w, nxt
