@@ -320,7 +320,8 @@ def record(
     (rows with ``quantized=True``); the raw ones are always recorded.
 
     Memory per (layer, kind[, step]): a 16 KB histogram and ``sample_size`` floats, plus,
-    in the open snapshot, a buffer of up to 256 KB that pools batches under 65536 values.
+    for data on an accelerator, in the open snapshot, a buffer of up to 256 KB that pools
+    batches under 65536 values. CPU data is merged at once by compiled kernels.
 
     >>> import torch.nn as nn
     >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))

@@ -9,10 +9,9 @@ code on disk, so only the first use on a machine pays the compile (a few seconds
 
 >>> import numpy as np
 >>> x = np.array([0.0, 1.0, -2.0, 4.0], dtype=np.float32)
->>> sum_zeros(x)
-(3.0, 1)
->>> central_sums(x, 0.75)[0]
-18.75
+>>> n, mean, m2, m3, m4, lo, hi, zeros = batch_stats(x, np.zeros(2048, np.int64))
+>>> (n, mean, m2, lo, hi, zeros)
+(4, 0.75, 18.75, -2.0, 4.0, 1)
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["sum_zeros", "central_sums", "abs_histogram", "reservoir_plan", "uniform"]
+__all__ = ["batch_stats", "scan", "central_sums", "abs_histogram", "reservoir_plan", "uniform"]
 
 # Reassociation lets the reductions vectorize; no "nnan"/"ninf": a NaN or Inf must
 # reach the sum, which is how the caller detects a batch holding one.
@@ -30,19 +29,38 @@ _FAST = {"reassoc", "contract"}
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
-def sum_zeros(a: np.ndarray) -> tuple[float, int]:  # pragma: no cover - compiled
-    """Sum (float64) and number of exact zeros of a float32 vector."""
+def scan(a: np.ndarray) -> tuple[float, int, int, int]:
+    """Sum (float64), number of exact zeros, and the order keys of the min and max of a float32 vector.
+
+    The extremes are taken over int32 keys that order like the floats (the bit pattern,
+    magnitude bits flipped for negatives): integer min/max vectorise, float min/max
+    (with their NaN rules) do not.
+    """
+    bits = a.view(np.int32)
     s = 0.0
     z = 0
+    lo = np.int32(0x7FFFFFFF)
+    hi = np.int32(-0x80000000)
     for i in range(a.size):
         v = a[i]
         s += v
         z += v == 0
-    return s, z
+        b = bits[i]
+        key = b ^ ((b >> 31) & 0x7FFFFFFF)
+        lo = min(lo, key)
+        hi = max(hi, key)
+    return s, z, lo, hi
+
+
+@njit(cache=True)
+def _from_key(key: int) -> float:
+    # The key map is its own inverse on bit patterns.
+    b = np.int32(key)
+    return np.array([b ^ ((b >> 31) & 0x7FFFFFFF)], np.int32).view(np.float32)[0]
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
-def central_sums(a: np.ndarray, mean: float) -> tuple[float, float, float]:  # pragma: no cover - compiled
+def central_sums(a: np.ndarray, mean: float) -> tuple[float, float, float]:
     """Sums of (x - mean)**2, **3 and **4 in float64 (finite input)."""
     s2 = s3 = s4 = 0.0
     for i in range(a.size):
@@ -55,7 +73,7 @@ def central_sums(a: np.ndarray, mean: float) -> tuple[float, float, float]:  # p
 
 
 @njit(cache=True, nogil=True)
-def abs_histogram(a: np.ndarray, hist: np.ndarray) -> None:  # pragma: no cover - compiled
+def abs_histogram(a: np.ndarray, hist: np.ndarray) -> None:
     """Add the counts of |x| per bin (8 bins per octave: exponent and top 3 mantissa bits) to ``hist``.
 
     The bin of x is its float32 bit pattern shifted right by 20, sign dropped. Four
@@ -71,7 +89,7 @@ def abs_histogram(a: np.ndarray, hist: np.ndarray) -> None:  # pragma: no cover 
 
 
 @njit(cache=True)
-def uniform(state: np.ndarray) -> float:  # pragma: no cover - compiled
+def uniform(state: np.ndarray) -> float:
     """The next uniform draw in (0, 1) from a splitmix64 generator whose state is ``state[0]``."""
     state[0] += np.uint64(0x9E3779B97F4A7C15)
     z = state[0]
@@ -82,14 +100,14 @@ def uniform(state: np.ndarray) -> float:  # pragma: no cover - compiled
 
 
 @njit(cache=True)
-def _skip(state: np.ndarray, w: float) -> int:  # pragma: no cover - compiled
+def _skip(state: np.ndarray, w: float) -> int:
     gap = math.floor(math.log(uniform(state)) / math.log1p(-w))
     return int(min(gap, 2.0**62))  # w underflowing makes the gap unbounded: never again
 
 
 @njit(cache=True)
 def reservoir_plan(state: np.ndarray, k: int, seen: int, n: int,
-                   w: float, nxt: int) -> tuple[np.ndarray, np.ndarray, float, int]:  # pragma: no cover
+                   w: float, nxt: int) -> tuple[np.ndarray, np.ndarray, float, int]:
     """Which of ``n`` new values enter a full reservoir of ``k`` that has seen ``seen`` (Algorithm L).
 
     Li (1994): think of every value as carrying a uniform key, the reservoir holding
@@ -125,3 +143,22 @@ def reservoir_plan(state: np.ndarray, k: int, seen: int, n: int,
             pos[j] = pos[i]
             slots[j] = slots[i]
     return pos[j:m], slots[j:m], w, nxt
+
+
+@njit(cache=True, nogil=True)
+def batch_stats(a: np.ndarray, hist: np.ndarray) -> tuple:
+    """All the per-batch figures of a float32 vector in three passes; the histogram is added to ``hist``.
+
+    Returns (n, mean, m2, m3, m4, min, max, zeros) with m_p the sum of (x - mean)**p.
+    For a batch holding NaN or Inf nothing is added and n is -1: the caller drops them first.
+    """
+    n = a.size
+    if n == 0:
+        return 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0
+    s, z, lo, hi = scan(a)
+    if not math.isfinite(s):
+        return -1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0
+    mean = s / n
+    m2, m3, m4 = central_sums(a, mean)
+    abs_histogram(a, hist)
+    return n, mean, m2, m3, m4, np.float64(_from_key(lo)), np.float64(_from_key(hi)), z

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .stats_kernels import abs_histogram, central_sums, reservoir_plan, sum_zeros
+from .stats_kernels import batch_stats, reservoir_plan
 
 __all__ = ["StreamStats", "hist_edges", "PERCENTILES", "STAT_COLUMNS"]
 
@@ -64,7 +64,7 @@ class StreamStats:
         self.count = self.nan = self.inf = self.zeros = self.seen = 0
         self.min, self.max = math.inf, -math.inf
         self.mean = self.m2 = self.m3 = self.m4 = 0.0
-        self.hist = torch.zeros(2048, dtype=torch.int64)  # on the CPU whatever the data's device
+        self.hist = np.zeros(2048, np.int64)  # counts per bin code, zeros included, whatever the device
         self.sample = torch.empty(0)
         self.buf: Tensor | None = None  # pooled small batches, (buf_cap,) with buf_cap <= _DIRECT
         self.buf_n = self.buf_cap = 0
@@ -75,15 +75,17 @@ class StreamStats:
         self.w, self.nxt = 0.0, -1  # Algorithm L's threshold key and next index; -1: not running
 
     def add(self, x: Tensor, pool: bool = True) -> None:
-        """Merge a batch in; small ones are pooled in a buffer and merged together."""
+        """Merge a batch in; on an accelerator small ones are pooled in a buffer and merged together."""
         x = x.detach()  # every op below then runs without autograd (cheaper than no_grad())
         n = x.numel()
-        if n >= _DIRECT or not pool:
+        if n >= _DIRECT or not pool or _compiled(x):
+            # On the CPU the kernels' cost per call is a few microseconds, less than
+            # copying into a pool, and the data is still in cache.
             self._update(x.reshape(-1).float())
             return
-        # Each merge has a fixed cost of about ten calls, so small batches (tiny models)
-        # are pooled first. The copy is needed anyway: the caller may change its tensor
-        # in place later (a residual ``out += x``, reused gradient buffers).
+        # Each merge with tensor ops costs ~10 kernel launches, so small batches are pooled
+        # first. The copy is needed anyway: the caller may change its tensor in place
+        # later (a residual ``out += x``, reused gradient buffers).
         end = self.buf_n + n
         buf = self.buf
         if buf is None or end > self.buf_cap or buf.device != x.device:
@@ -110,33 +112,38 @@ class StreamStats:
 
     def _update(self, x: Tensor) -> None:
         """Merge one flat float32 batch: compiled kernels on the CPU, tensor ops elsewhere."""
-        on_cpu = _compiled(x)
-        total, zeros = sum_zeros(x.numpy()) if on_cpu else (float(x.sum(dtype=torch.float64)), 0)
-        if not math.isfinite(total):
-            # Only batches holding NaN/Inf take this path; the non-finite values are
-            # counted here and left out of every other figure.
-            finite = torch.isfinite(x)
-            nan = int(torch.isnan(x).sum())
-            self.nan += nan
-            self.inf += x.numel() - nan - int(finite.sum())
-            x = x[finite]
-            total, zeros = sum_zeros(x.numpy()) if on_cpu else (float(x.sum(dtype=torch.float64)), 0)
-        n = x.numel()
+        if _compiled(x):
+            n, mean, m2, m3, m4, lo, hi, zeros = batch_stats(x.numpy(), self.hist)
+            if n < 0:
+                x = self._drop_nonfinite(x)
+                n, mean, m2, m3, m4, lo, hi, zeros = batch_stats(x.numpy(), self.hist)
+        else:
+            total = float(x.sum(dtype=torch.float64))
+            if not math.isfinite(total):
+                x = self._drop_nonfinite(x)
+                total = float(x.sum(dtype=torch.float64))
+            n = x.numel()
+            mean = total / max(n, 1)
+            zeros, (lo, hi, m2, m3, m4) = self._update_torch(x, mean) if n else (0, [0.0] * 5)
         if n == 0:
             return
-        mean = total / n
-        if on_cpu:
-            a = x.numpy()
-            m2, m3, m4 = central_sums(a, mean)
-            abs_histogram(a, self.hist.numpy())
-            lo, hi = (float(t) for t in torch.aminmax(x))
-        else:
-            zeros, (lo, hi, m2, m3, m4) = self._update_torch(x, mean)
         self._merge(n, mean, m2, m3, m4)
-        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        if lo < self.min:
+            self.min = lo
+        if hi > self.max:
+            self.max = hi
         self.zeros += zeros
         if self.k:
             self._sample(x, n)
+
+    def _drop_nonfinite(self, x: Tensor) -> Tensor:
+        # Only batches holding NaN/Inf take this path; the non-finite values are counted
+        # here and left out of every other figure.
+        finite = torch.isfinite(x)
+        nan = int(torch.isnan(x).sum())
+        self.nan += nan
+        self.inf += x.numel() - nan - int(finite.sum())
+        return x[finite]
 
     def _update_torch(self, x: Tensor, mean: float) -> tuple[int, list[float]]:
         # The same figures with tensor ops, for data on an accelerator.
@@ -148,7 +155,7 @@ class StreamStats:
         mn, mx = torch.aminmax(x)
         codes = x.view(torch.int32) >> _SHIFT
         codes.bitwise_and_(0x7FF)  # drop the sign: a histogram of |x|
-        self.hist += torch.bincount(codes, minlength=2048).cpu()
+        self.hist += torch.bincount(codes, minlength=2048).cpu().numpy()
         zeros = x.numel() - torch.count_nonzero(x)
         *figures, z = torch.stack([mn.double(), mx.double(), s2, s3, s4, zeros.double()]).tolist()  # one sync
         return int(z), figures
@@ -206,7 +213,7 @@ class StreamStats:
 
     def histogram(self) -> np.ndarray:
         """Counts of nonzero finite |x| per bin of :func:`hist_edges`."""
-        h = self.hist[:_NBINS].numpy().copy()
+        h = self.hist[:_NBINS].copy()
         h[0] -= self.zeros  # zeros share bin 0 with the tiniest subnormals
         return h
 
@@ -236,8 +243,8 @@ class StreamStats:
         for name in cls.__slots__:
             if name not in _NOT_SAVED:
                 setattr(s, name, st[name])
-        hist = torch.zeros(2048, dtype=torch.int64)
-        hist[st["hist_lo"]:st["hist_lo"] + len(st["hist"])] = st["hist"]
+        hist = np.zeros(2048, np.int64)
+        hist[st["hist_lo"]:st["hist_lo"] + len(st["hist"])] = st["hist"].numpy()
         hist[0] += s.zeros
         s.hist, s.sample = hist, st["sample"]
         return s

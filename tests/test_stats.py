@@ -420,26 +420,35 @@ def test_fixed_family_places_the_binary_point_like_the_search(act_recorder):
 
 # ---------------------------------------------------------------- compiled kernels and sampler
 def test_kernels_match_numpy():
-    from bitwidth.stats_kernels import abs_histogram, central_sums, sum_zeros
+    from bitwidth.stats_kernels import abs_histogram, batch_stats, central_sums, scan
 
     g = torch.Generator().manual_seed(3)
     x = torch.cat([torch.randn(5001, generator=g) * 1e3, torch.zeros(700), torch.rand(300, generator=g) * 1e-40,
-                   -torch.rand(99, generator=g).exp()])
+                   -torch.rand(99, generator=g).exp(), torch.tensor([-0.0])])
     a = x.numpy()
     a64 = a.astype(np.float64)
-    total, zeros = sum_zeros(a)
-    assert total == pytest.approx(a64.sum(), rel=1e-12) and zeros == 700 + int((a[5701:6001] == 0).sum())
+    total, zeros, _, _ = scan(a)
+    assert total == pytest.approx(a64.sum(), rel=1e-12) and zeros == (a == 0).sum() >= 701
     d = a64 - 3.0
     assert central_sums(a, 3.0) == pytest.approx(((d**2).sum(), (d**3).sum(), (d**4).sum()), rel=1e-10)
     hist = np.zeros(2048, np.int64)
-    hist[5] = 7  # the kernel adds to what is there
+    hist[5] = 7  # the kernels add to what is there
     abs_histogram(a, hist)
-    codes = (np.abs(a).view(np.int32) >> 20)  # bit pattern of |x|: exponent and top 3 mantissa bits
+    codes = np.abs(a).view(np.int32) >> 20  # bit pattern of |x|: exponent and top 3 mantissa bits
     expected = np.bincount(codes, minlength=2048)
     expected[5] += 7
-    assert np.array_equal(hist, expected)
-    # Subnormals share bin 0 with the zeros; the bins are those of hist_edges.
-    assert hist[0] >= 700 and bin_of(float(a[0])) == codes[0]
+    assert np.array_equal(hist, expected) and bin_of(float(a[0])) == codes[0]
+    n, mean, m2, m3, m4, lo, hi, z = batch_stats(a, hist)
+    assert (n, lo, hi, z) == (a.size, a.min(), a.max(), zeros)
+    assert mean == pytest.approx(a64.mean(), rel=1e-12) and m4 == pytest.approx(((a64 - a64.mean()) ** 4).sum())
+    assert np.array_equal(hist, 2 * expected - np.eye(1, 2048, 5, dtype=np.int64)[0] * 7)
+    # Extremes over negative numbers, signed zeros and subnormals; a NaN or Inf makes the batch refused.
+    for values in ([-5.0, -1.0, -7.5], [-0.0, 0.0], [1e-45, -1e-45], [2.0], [3e38, -3e38, 1.0]):
+        r = batch_stats(np.array(values, np.float32), np.zeros(2048, np.int64))
+        assert (r[5], r[6]) == (min(np.float32(values)), max(np.float32(values)))
+    before = hist.copy()
+    assert batch_stats(np.array([1.0, np.inf], np.float32), hist)[0] == -1 and np.array_equal(hist, before)
+    assert batch_stats(np.zeros(0, np.float32), hist)[0] == 0
 
 
 def test_reservoir_plan_is_deterministic_and_names_each_slot_once():
@@ -497,11 +506,13 @@ def test_tensor_op_path_matches_the_compiled_kernels(monkeypatch, batches):
 
     kernels = run()
     monkeypatch.setattr(stats_stream, "_compiled", lambda x: False)
-    ops = run()
+    ops = run()  # small batches pooled, as on an accelerator
     a, b = kernels.to_frame(), ops.to_frame()
     exact = ["count", "min", "max", "absmax", "zero_frac", "nan_count", "inf_count", "p99", "p999", "p9999"]
     pd.testing.assert_frame_equal(a[exact], b[exact])
     for col in ("mean", "std", "kurtosis"):
         assert a[col].iloc[0] == pytest.approx(b[col].iloc[0], rel=1e-6)
     pd.testing.assert_frame_equal(kernels.hist_frame(), ops.hist_frame())
+    monkeypatch.setattr(stats_stream, "_DIRECT", 1)  # no pooling: the same batches, so the same sample
+    ops = run()
     assert torch.equal(kernels.sample("0", "activation"), ops.sample("0", "activation"))
