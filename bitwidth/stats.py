@@ -269,7 +269,7 @@ class Recorder:
             have = [k[:2] for k in self._streams]
             raise ValueError(f"nothing recorded for layer={layer!r} kind={kind!r} quantized={quantized} "
                              f"step={key[3]}; recorded (layer, kind): {sorted(set(have))}")
-        return self._streams[key].sample.clone()
+        return torch.from_numpy(self._streams[key].sample.copy())
 
     def save(self, path: str | Path) -> None:
         """Write everything (statistics, histograms, samples) to a ``.pt`` file.

@@ -9,9 +9,11 @@ code on disk, so only the first use on a machine pays the compile (a few seconds
 
 >>> import numpy as np
 >>> x = np.array([0.0, 1.0, -2.0, 4.0], dtype=np.float32)
->>> n, mean, m2, m3, m4, lo, hi, zeros = batch_stats(x, np.zeros(2048, np.int64))
->>> (n, mean, m2, lo, hi, zeros)
-(4, 0.75, 18.75, -2.0, 4.0, 1)
+>>> acc = new_state()
+>>> update(x, np.zeros(2048, np.int64), acc, np.zeros(0, np.float32), np.zeros(1, np.uint64), 0, 512)
+0
+>>> acc[[COUNT, MEAN, M2, MIN, MAX, ZEROS]].tolist()
+[4.0, 0.75, 18.75, -2.0, 4.0, 1.0]
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["batch_stats", "scan", "central_sums", "abs_histogram", "reservoir_plan", "uniform"]
+__all__ = ["update", "merge", "new_state", "scan", "central_sums", "abs_histogram", "reservoir_plan", "uniform"]
 
 # Reassociation lets the reductions vectorize; no "nnan"/"ninf": a NaN or Inf must
 # reach the sum, which is how the caller detects a batch holding one.
@@ -145,20 +147,71 @@ def reservoir_plan(state: np.ndarray, k: int, seen: int, n: int,
     return pos[j:m], slots[j:m], w, nxt
 
 
-@njit(cache=True, nogil=True)
-def batch_stats(a: np.ndarray, hist: np.ndarray) -> tuple:
-    """All the per-batch figures of a float32 vector in three passes; the histogram is added to ``hist``.
+# The running state of a stream, one float64 array (counts are exact below 2**53).
+COUNT, MEAN, M2, M3, M4, MIN, MAX, ZEROS, SEEN, W, NXT = range(11)
 
-    Returns (n, mean, m2, m3, m4, min, max, zeros) with m_p the sum of (x - mean)**p.
-    For a batch holding NaN or Inf nothing is added and n is -1: the caller drops them first.
+
+def new_state() -> np.ndarray:
+    """The state of a stream that has seen nothing (Algorithm L not running: NXT = -1)."""
+    acc = np.zeros(11)
+    acc[MIN], acc[MAX], acc[NXT] = np.inf, -np.inf, -1
+    return acc
+
+
+@njit(cache=True)
+def merge(acc: np.ndarray, nb: int, mb: float, m2b: float, m3b: float, m4b: float,
+          lo: float, hi: float, zeros: int) -> None:
+    """Merge a batch's count, mean, central sums m2..m4, extremes and zero count into ``acc``.
+
+    Pairwise update of central moments (Pébay 2008): exact in exact arithmetic, and
+    stable in floats because each batch is centred on its own mean first.
+    """
+    na = acc[COUNT]
+    n = na + nb
+    d = mb - acc[MEAN]
+    m2a, m3a = acc[M2], acc[M3]
+    acc[M4] += (m4b + d**4 * na * nb * (na * na - na * nb + nb * nb) / n**3
+                + 6 * d**2 * (na * na * m2b + nb * nb * m2a) / n**2 + 4 * d * (na * m3b - nb * m3a) / n)
+    acc[M3] += m3b + d**3 * na * nb * (na - nb) / n**2 + 3 * d * (na * m2b - nb * m2a) / n
+    acc[M2] += m2b + d * d * na * nb / n
+    acc[MEAN] += d * nb / n
+    acc[COUNT] = n
+    acc[MIN] = min(acc[MIN], lo)
+    acc[MAX] = max(acc[MAX], hi)
+    acc[ZEROS] += zeros
+
+
+@njit(cache=True, nogil=True)
+def update(a: np.ndarray, hist: np.ndarray, acc: np.ndarray, sample: np.ndarray, state: np.ndarray,
+           k: int, sparse: int) -> int:
+    """Merge a float32 batch into a stream: statistics, histogram and, once it runs sparse, the sample.
+
+    Three passes: sum, zeros and extremes; central sums; histogram. Then, if Algorithm L
+    is running (``acc[NXT] >= 0``) and fewer than ``sparse`` values are expected to
+    enter, the values that enter are written into ``sample`` (size k) and ``acc[SEEN]``
+    advances. Returns 0 when done, 1 when the caller must sample the batch (and
+    advance SEEN), -1 for a batch holding NaN or Inf, which changes nothing.
     """
     n = a.size
     if n == 0:
-        return 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0
+        return 0
     s, z, lo, hi = scan(a)
     if not math.isfinite(s):
-        return -1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0
+        return -1
     mean = s / n
     m2, m3, m4 = central_sums(a, mean)
     abs_histogram(a, hist)
-    return n, mean, m2, m3, m4, np.float64(_from_key(lo)), np.float64(_from_key(hi)), z
+    merge(acc, n, mean, m2, m3, m4, np.float64(_from_key(lo)), np.float64(_from_key(hi)), z)
+    seen = int(acc[SEEN])
+    if k == 0:
+        acc[SEEN] = seen + n
+        return 0
+    if acc[NXT] < 0 or k * n >= sparse * (seen + n):
+        return 1
+    nxt, w = int(acc[NXT]), acc[W]
+    while nxt < seen + n:  # the loop of reservoir_plan, applied in place
+        sample[int(uniform(state) * k)] = a[nxt - seen]
+        w *= math.exp(math.log(uniform(state)) / k)
+        nxt += _skip(state, w) + 1
+    acc[SEEN], acc[W], acc[NXT] = seen + n, w, nxt
+    return 0

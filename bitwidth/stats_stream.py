@@ -21,7 +21,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .stats_kernels import batch_stats, reservoir_plan
+from .stats_kernels import (
+    COUNT,
+    M2,
+    M3,
+    M4,
+    MAX,
+    MEAN,
+    MIN,
+    NXT,
+    SEEN,
+    ZEROS,
+    W,
+    merge,
+    new_state,
+    reservoir_plan,
+    update,
+)
 
 __all__ = ["StreamStats", "hist_edges", "PERCENTILES", "STAT_COLUMNS"]
 
@@ -57,30 +73,37 @@ def hist_edges() -> np.ndarray:
 class StreamStats:
     """Running statistics of one (layer, kind, quantized, step), merged batch by batch."""
 
-    __slots__ = ("count", "nan", "inf", "zeros", "min", "max", "mean", "m2", "m3", "m4",
-                 "hist", "sample", "seen", "k", "seed", "rng", "lstate", "w", "nxt", "buf", "buf_n", "buf_cap")
+    __slots__ = ("acc", "nan", "inf", "hist", "sample", "k", "seed", "rng", "lstate", "buf", "buf_n", "buf_cap")
 
     def __init__(self, sample_size: int, seed: Sequence[int]) -> None:
-        self.count = self.nan = self.inf = self.zeros = self.seen = 0
-        self.min, self.max = math.inf, -math.inf
-        self.mean = self.m2 = self.m3 = self.m4 = 0.0
+        self.acc = new_state()  # count, moments, extremes, zeros, values sampled, Algorithm L's state
+        self.nan = self.inf = 0
         self.hist = np.zeros(2048, np.int64)  # counts per bin code, zeros included, whatever the device
-        self.sample = torch.empty(0)
+        self.sample = np.zeros(0, np.float32)  # the first k values, then a uniform sample of k
         self.buf: Tensor | None = None  # pooled small batches, (buf_cap,) with buf_cap <= _DIRECT
         self.buf_n = self.buf_cap = 0
         self.k = sample_size
         self.seed = list(seed)
         self.rng: np.random.Generator | None = None  # made when the sample first overflows: cheap streams
         self.lstate = np.zeros(1, np.uint64)  # Algorithm L's generator, seeded from rng
-        self.w, self.nxt = 0.0, -1  # Algorithm L's threshold key and next index; -1: not running
+
+    count = property(lambda self: int(self.acc[COUNT]))
+    zeros = property(lambda self: int(self.acc[ZEROS]))
+    seen = property(lambda self: int(self.acc[SEEN]))
+    min = property(lambda self: float(self.acc[MIN]))
+    max = property(lambda self: float(self.acc[MAX]))
+    mean = property(lambda self: float(self.acc[MEAN]))
 
     def add(self, x: Tensor, pool: bool = True) -> None:
         """Merge a batch in; on an accelerator small ones are pooled in a buffer and merged together."""
         x = x.detach()  # every op below then runs without autograd (cheaper than no_grad())
+        if _compiled(x):
+            # One compiled call of a few microseconds: cheaper than copying into a pool,
+            # and the data is still in cache.
+            self._update_cpu(x.reshape(-1).float())
+            return
         n = x.numel()
-        if n >= _DIRECT or not pool or _compiled(x):
-            # On the CPU the kernels' cost per call is a few microseconds, less than
-            # copying into a pool, and the data is still in cache.
+        if n >= _DIRECT or not pool:
             self._update(x.reshape(-1).float())
             return
         # Each merge with tensor ops costs ~10 kernel launches, so small batches are pooled
@@ -110,31 +133,44 @@ class StreamStats:
         if release:
             self.buf, self.buf_cap = None, 0
 
+    def _update_cpu(self, x: Tensor) -> None:
+        # One call merges the statistics and, once Algorithm L runs, the sample too.
+        done = update(x.numpy(), self.hist, self.acc, self.sample, self.lstate, self.k, _SPARSE)
+        if done < 0:
+            x = self._drop_nonfinite(x)
+            done = update(x.numpy(), self.hist, self.acc, self.sample, self.lstate, self.k, _SPARSE)
+        if done > 0:
+            self._sample(x, x.numel())
+
     def _update(self, x: Tensor) -> None:
         """Merge one flat float32 batch: compiled kernels on the CPU, tensor ops elsewhere."""
         if _compiled(x):
-            n, mean, m2, m3, m4, lo, hi, zeros = batch_stats(x.numpy(), self.hist)
-            if n < 0:
-                x = self._drop_nonfinite(x)
-                n, mean, m2, m3, m4, lo, hi, zeros = batch_stats(x.numpy(), self.hist)
-        else:
+            self._update_cpu(x)
+            return
+        total = float(x.sum(dtype=torch.float64))
+        if not math.isfinite(total):
+            x = self._drop_nonfinite(x)
             total = float(x.sum(dtype=torch.float64))
-            if not math.isfinite(total):
-                x = self._drop_nonfinite(x)
-                total = float(x.sum(dtype=torch.float64))
-            n = x.numel()
-            mean = total / max(n, 1)
-            zeros, (lo, hi, m2, m3, m4) = self._update_torch(x, mean) if n else (0, [0.0] * 5)
+        n = x.numel()
         if n == 0:
             return
-        self._merge(n, mean, m2, m3, m4)
-        if lo < self.min:
-            self.min = lo
-        if hi > self.max:
-            self.max = hi
-        self.zeros += zeros
+        mean = total / n
+        d = x - mean  # centred first, so the power sums do not cancel
+        d2 = d * d
+        s2 = d2.sum(dtype=torch.float64)
+        s3 = d.mul_(d2).sum(dtype=torch.float64)
+        s4 = d2.mul_(d2).sum(dtype=torch.float64)
+        mn, mx = torch.aminmax(x)
+        codes = x.view(torch.int32) >> _SHIFT
+        codes.bitwise_and_(0x7FF)  # drop the sign: a histogram of |x|
+        self.hist += torch.bincount(codes, minlength=2048).cpu().numpy()
+        zeros = n - torch.count_nonzero(x)
+        lo, hi, m2, m3, m4, z = torch.stack([mn.double(), mx.double(), s2, s3, s4, zeros.double()]).tolist()
+        merge(self.acc, n, mean, m2, m3, m4, lo, hi, int(z))
         if self.k:
             self._sample(x, n)
+        else:
+            self.acc[SEEN] += n
 
     def _drop_nonfinite(self, x: Tensor) -> Tensor:
         # Only batches holding NaN/Inf take this path; the non-finite values are counted
@@ -145,42 +181,14 @@ class StreamStats:
         self.inf += x.numel() - nan - int(finite.sum())
         return x[finite]
 
-    def _update_torch(self, x: Tensor, mean: float) -> tuple[int, list[float]]:
-        # The same figures with tensor ops, for data on an accelerator.
-        d = x - mean  # centred first, so the power sums do not cancel
-        d2 = d * d
-        s2 = d2.sum(dtype=torch.float64)
-        s3 = d.mul_(d2).sum(dtype=torch.float64)
-        s4 = d2.mul_(d2).sum(dtype=torch.float64)
-        mn, mx = torch.aminmax(x)
-        codes = x.view(torch.int32) >> _SHIFT
-        codes.bitwise_and_(0x7FF)  # drop the sign: a histogram of |x|
-        self.hist += torch.bincount(codes, minlength=2048).cpu().numpy()
-        zeros = x.numel() - torch.count_nonzero(x)
-        *figures, z = torch.stack([mn.double(), mx.double(), s2, s3, s4, zeros.double()]).tolist()  # one sync
-        return int(z), figures
-
-    def _merge(self, nb: int, mb: float, m2b: float, m3b: float, m4b: float) -> None:
-        # Pairwise update of central moments (Pébay 2008): exact in exact arithmetic, and
-        # stable in floats because each batch is centred on its own mean first.
-        na = self.count
-        n = na + nb
-        d = mb - self.mean
-        self.m4 += (m4b + d**4 * na * nb * (na * na - na * nb + nb * nb) / n**3
-                    + 6 * d**2 * (na * na * m2b + nb * nb * self.m2) / n**2 + 4 * d * (na * m3b - nb * self.m3) / n)
-        self.m3 += m3b + d**3 * na * nb * (na - nb) / n**2 + 3 * d * (na * m2b - nb * self.m2) / n
-        self.m2 += m2b + d * d * na * nb / n
-        self.mean += d * nb / n
-        self.count = n
-
     def _sample(self, x: Tensor, n: int) -> None:
         # The first k values fill the sample; after that it stays a uniform sample of all
         # values seen, by one of two exact methods, whichever is cheaper for the batch.
-        k, seen = self.k, self.seen
-        self.seen = seen + n
+        k, seen, acc = self.k, self.seen, self.acc
+        acc[SEEN] = seen + n
         fill = min(n, max(0, k - seen))
         if fill:
-            self.sample = torch.cat([self.sample, x[:fill].cpu()])
+            self.sample = np.concatenate([self.sample, x[:fill].cpu().numpy()])
         seen, n = seen + fill, n - fill
         if n == 0:
             return
@@ -191,16 +199,14 @@ class StreamStats:
             # Few values enter: draw the gaps between them (Algorithm L). Its state, the
             # k-th smallest of the keys so far, is independent of which values are in
             # the sample, so it can start here with a fresh draw from its distribution.
-            if self.nxt < 0:
+            if acc[NXT] < 0:
                 self.lstate = rng.integers(2**63, size=1, dtype=np.uint64)
-                self.w = rng.beta(k, seen - k + 1)
-            pos, slots, self.w, self.nxt = reservoir_plan(self.lstate, k, seen, n, self.w, self.nxt)
-            if x.device.type == "cpu":
-                self.sample.numpy()[slots] = x.numpy()[pos + fill]
-            elif len(pos):
-                self.sample[torch.from_numpy(slots)] = x[torch.from_numpy(pos + fill).to(x.device)].cpu()
+                acc[W] = rng.beta(k, seen - k + 1)
+            pos, slots, acc[W], acc[NXT] = reservoir_plan(self.lstate, k, seen, n, acc[W], int(acc[NXT]))
+            if len(pos):
+                self.sample[slots] = x[torch.from_numpy(pos + fill).to(x.device)].cpu().numpy()
             return
-        self.nxt = -1  # many enter: the other method, vectorised; Algorithm L restarts later
+        acc[NXT] = -1  # many enter: the other method, vectorised; Algorithm L restarts later
         # How many of the k come from the new data is hypergeometric; they are drawn
         # uniformly and replace uniformly chosen old ones.
         if seen < _HUGE and n < _HUGE:
@@ -208,8 +214,8 @@ class StreamStats:
         else:  # populations this large make the binomial indistinguishable
             new = int(rng.binomial(k, n / (seen + n)))
         if new:
-            picked = x[torch.from_numpy(rng.choice(n, new, replace=False) + fill).to(x.device)].cpu()
-            self.sample[torch.from_numpy(rng.choice(k, new, replace=False))] = picked
+            picked = x[torch.from_numpy(rng.choice(n, new, replace=False) + fill).to(x.device)]
+            self.sample[rng.choice(k, new, replace=False)] = picked.cpu().numpy()
 
     def histogram(self) -> np.ndarray:
         """Counts of nonzero finite |x| per bin of :func:`hist_edges`."""
@@ -222,11 +228,12 @@ class StreamStats:
         row = {"count": c, "nan_count": self.nan, "inf_count": self.inf}
         if c == 0:
             return {**row, **{k: nan for k in STAT_COLUMNS if k not in row}}
+        m2, m4 = self.acc[M2], self.acc[M4]
         absmax = max(-self.min, self.max)
         pct = _abs_percentiles(self.histogram(), self.zeros, c, absmax, PERCENTILES)
         return {
             **row, "min": self.min, "max": self.max, "absmax": absmax, "mean": self.mean,
-            "std": math.sqrt(self.m2 / c), "kurtosis": c * self.m4 / self.m2**2 - 3 if self.m2 > 0 else nan,
+            "std": math.sqrt(m2 / c), "kurtosis": float(c * m4 / m2**2 - 3) if m2 > 0 else nan,
             "zero_frac": self.zeros / c, "p99": pct[0], "p999": pct[1], "p9999": pct[2],
         }
 
@@ -234,23 +241,23 @@ class StreamStats:
         h = self.histogram()
         nz = np.flatnonzero(h)
         lo, hi = (int(nz[0]), int(nz[-1]) + 1) if nz.size else (0, 0)
-        fields = {s: getattr(self, s) for s in self.__slots__ if s not in _NOT_SAVED}
-        return {**fields, "hist_lo": lo, "hist": torch.from_numpy(h[lo:hi]), "sample": self.sample.clone()}
+        acc = dict(zip(_SAVED, self.acc[_SAVED_AT].tolist(), strict=True))
+        return {**acc, "nan": self.nan, "inf": self.inf, "k": self.k, "seed": self.seed,
+                "hist_lo": lo, "hist": torch.from_numpy(h[lo:hi]), "sample": torch.from_numpy(self.sample.copy())}
 
     @classmethod
     def from_state(cls, st: dict[str, Any]) -> StreamStats:
-        s = cls(st["k"], [0])
-        for name in cls.__slots__:
-            if name not in _NOT_SAVED:
-                setattr(s, name, st[name])
-        hist = np.zeros(2048, np.int64)
-        hist[st["hist_lo"]:st["hist_lo"] + len(st["hist"])] = st["hist"].numpy()
-        hist[0] += s.zeros
-        s.hist, s.sample = hist, st["sample"]
+        s = cls(st["k"], st["seed"])
+        s.acc[_SAVED_AT] = [st[name] for name in _SAVED]
+        s.nan, s.inf = st["nan"], st["inf"]
+        s.hist[st["hist_lo"]:st["hist_lo"] + len(st["hist"])] = st["hist"].numpy()
+        s.hist[0] += s.zeros
+        s.sample = st["sample"].numpy().copy()
         return s
 
 
-_NOT_SAVED = ("hist", "rng", "lstate", "w", "nxt", "sample", "buf", "buf_n", "buf_cap")
+_SAVED = ("count", "zeros", "min", "max", "mean", "m2", "m3", "m4", "seen")  # the fields of acc saved
+_SAVED_AT = [COUNT, ZEROS, MIN, MAX, MEAN, M2, M3, M4, SEEN]
 
 
 def _abs_percentiles(hist: np.ndarray, zeros: int, count: int, absmax: float, qs: Iterable[float]) -> list[float]:

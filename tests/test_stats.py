@@ -420,7 +420,21 @@ def test_fixed_family_places_the_binary_point_like_the_search(act_recorder):
 
 # ---------------------------------------------------------------- compiled kernels and sampler
 def test_kernels_match_numpy():
-    from bitwidth.stats_kernels import abs_histogram, batch_stats, central_sums, scan
+    from bitwidth.stats_kernels import (
+        COUNT,
+        M2,
+        M4,
+        MAX,
+        MEAN,
+        MIN,
+        SEEN,
+        ZEROS,
+        abs_histogram,
+        central_sums,
+        new_state,
+        scan,
+        update,
+    )
 
     g = torch.Generator().manual_seed(3)
     x = torch.cat([torch.randn(5001, generator=g) * 1e3, torch.zeros(700), torch.rand(300, generator=g) * 1e-40,
@@ -436,19 +450,29 @@ def test_kernels_match_numpy():
     abs_histogram(a, hist)
     codes = np.abs(a).view(np.int32) >> 20  # bit pattern of |x|: exponent and top 3 mantissa bits
     expected = np.bincount(codes, minlength=2048)
-    expected[5] += 7
-    assert np.array_equal(hist, expected) and bin_of(float(a[0])) == codes[0]
-    n, mean, m2, m3, m4, lo, hi, z = batch_stats(a, hist)
-    assert (n, lo, hi, z) == (a.size, a.min(), a.max(), zeros)
-    assert mean == pytest.approx(a64.mean(), rel=1e-12) and m4 == pytest.approx(((a64 - a64.mean()) ** 4).sum())
-    assert np.array_equal(hist, 2 * expected - np.eye(1, 2048, 5, dtype=np.int64)[0] * 7)
-    # Extremes over negative numbers, signed zeros and subnormals; a NaN or Inf makes the batch refused.
+    assert np.array_equal(hist - np.eye(1, 2048, 5, dtype=np.int64)[0] * 7, expected)
+    assert bin_of(float(a[0])) == codes[0]
+    # update: two halves merged (Pébay) equal the whole; no sample kept (k = 0).
+    acc, hist = new_state(), np.zeros(2048, np.int64)
+    for half in (a[:3000], a[3000:]):
+        assert update(half, hist, acc, np.zeros(0, np.float32), np.zeros(1, np.uint64), 0, 512) == 0
+    assert np.array_equal(hist, expected)
+    assert acc[[COUNT, MIN, MAX, ZEROS, SEEN]].tolist() == [a.size, a.min(), a.max(), zeros, a.size]
+    assert acc[MEAN] == pytest.approx(a64.mean(), rel=1e-12)
+    assert acc[M2] == pytest.approx(((a64 - a64.mean()) ** 2).sum(), rel=1e-12)
+    assert acc[M4] == pytest.approx(((a64 - a64.mean()) ** 4).sum(), rel=1e-12)
+    # Extremes over negative numbers, signed zeros, subnormals and the largest floats.
     for values in ([-5.0, -1.0, -7.5], [-0.0, 0.0], [1e-45, -1e-45], [2.0], [3e38, -3e38, 1.0]):
-        r = batch_stats(np.array(values, np.float32), np.zeros(2048, np.int64))
-        assert (r[5], r[6]) == (min(np.float32(values)), max(np.float32(values)))
-    before = hist.copy()
-    assert batch_stats(np.array([1.0, np.inf], np.float32), hist)[0] == -1 and np.array_equal(hist, before)
-    assert batch_stats(np.zeros(0, np.float32), hist)[0] == 0
+        acc = new_state()
+        update(np.array(values, np.float32), np.zeros(2048, np.int64), acc, np.zeros(0, np.float32),
+               np.zeros(1, np.uint64), 0, 512)
+        assert (acc[MIN], acc[MAX]) == (min(np.float32(values)), max(np.float32(values)))
+    # A NaN or Inf makes the batch refused untouched; an empty one changes nothing.
+    before, hist0 = acc.copy(), hist.copy()
+    for bad in ([1.0, np.inf], [np.nan], []):
+        code = update(np.array(bad, np.float32), hist, acc, np.zeros(0, np.float32), np.zeros(1, np.uint64), 0, 512)
+        assert code == (0 if not bad else -1)
+        assert np.array_equal(acc, before) and np.array_equal(hist, hist0)
 
 
 def test_reservoir_plan_is_deterministic_and_names_each_slot_once():
@@ -483,8 +507,8 @@ def test_reservoir_stays_uniform_across_both_sampling_methods(sizes):
         s = StreamStats(1024, [seed])
         for part in data.split(sizes):
             s.add(part, pool=False)
-        assert len(s.sample.unique()) == 1024
-        counts += np.histogram(s.sample.numpy(), bins=10, range=(0, total))[0]
+        assert len(np.unique(s.sample)) == 1024
+        counts += np.histogram(s.sample, bins=10, range=(0, total))[0]
     expected = 20 * 1024 / 10
     chi2 = ((counts - expected) ** 2 / expected).sum()
     assert chi2 < 27.9, counts  # 9 degrees of freedom, p = 0.001
