@@ -76,6 +76,7 @@ class Recorder:
         self._after_quant = False
         self._streams: dict[tuple[str, str, bool, int], StreamStats] = {}
         self._fresh: list[StreamStats] = []  # made in this snapshot
+        self._current: dict[tuple[str, str, bool], StreamStats] = {}  # the open snapshot's streams
         self._pending: dict[tuple[str, bool], Any] = {}  # weights to summarize at snapshot close
         self._handles: list[Any] = []
         self._grad_handles: list[Any] = []
@@ -143,7 +144,7 @@ class Recorder:
             self._summarize_weights()
             for st in self._fresh:  # a closed snapshot keeps no buffer
                 st.flush(release=True)
-            self._fresh = []
+            self._fresh, self._current = [], {}
         self.step_index += 1
 
     def _on_forward(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
@@ -187,7 +188,15 @@ class Recorder:
         return s
 
     def _add(self, name: str, kind: str, quantized: bool, x: Tensor, step: int | None = None) -> None:
-        self._stream(name, kind, quantized, self._snap if step is None else step).add(x)
+        # Runs for every recorded tensor: the open snapshot's streams are one lookup away.
+        snap = self._snap
+        if step is not None and step != snap:  # a gradient arriving after its step closed
+            self._stream(name, kind, quantized, step).add(x)
+            return
+        st = self._current.get((name, kind, quantized))
+        if st is None:
+            st = self._current[(name, kind, quantized)] = self._stream(name, kind, quantized, snap)
+        st.add(x)
 
     def _summarize_weights(self, close: bool = True) -> None:
         # A read inside the step summarizes too, but keeps the weights pending: the

@@ -56,9 +56,7 @@ _SPARSE = 512  # Algorithm L samples a batch when fewer of its values than this 
 _DIRECT = 1 << 16  # batches of at least this many values are merged at once, smaller ones pooled
 
 
-def _compiled(x: Tensor) -> bool:
-    """Whether ``x``'s statistics go through the compiled kernels (CPU data) or tensor ops."""
-    return x.device.type == "cpu"
+_KERNELS = True  # CPU data goes through the compiled kernels (tests turn this off to check the tensor ops)
 
 
 def hist_edges() -> np.ndarray:
@@ -97,10 +95,13 @@ class StreamStats:
     def add(self, x: Tensor, pool: bool = True) -> None:
         """Merge a batch in; on an accelerator small ones are pooled in a buffer and merged together."""
         x = x.detach()  # every op below then runs without autograd (cheaper than no_grad())
-        if _compiled(x):
+        if x.is_cpu and _KERNELS:
             # One compiled call of a few microseconds: cheaper than copying into a pool,
-            # and the data is still in cache.
-            self._update_cpu(x.reshape(-1).float())
+            # and the data is still in cache. This path runs for every recorded tensor.
+            x = x.reshape(-1) if x.dtype is torch.float32 else x.reshape(-1).float()
+            done = update(x.numpy(), self.hist, self.acc, self.sample, self.lstate, self.k, _SPARSE)
+            if done:
+                self._update_cpu(x, done)  # NaN/Inf in the batch, or a sample to draw in Python
             return
         n = x.numel()
         if n >= _DIRECT or not pool:
@@ -133,9 +134,10 @@ class StreamStats:
         if release:
             self.buf, self.buf_cap = None, 0
 
-    def _update_cpu(self, x: Tensor) -> None:
+    def _update_cpu(self, x: Tensor, done: int | None = None) -> None:
         # One call merges the statistics and, once Algorithm L runs, the sample too.
-        done = update(x.numpy(), self.hist, self.acc, self.sample, self.lstate, self.k, _SPARSE)
+        if done is None:
+            done = update(x.numpy(), self.hist, self.acc, self.sample, self.lstate, self.k, _SPARSE)
         if done < 0:
             x = self._drop_nonfinite(x)
             done = update(x.numpy(), self.hist, self.acc, self.sample, self.lstate, self.k, _SPARSE)
@@ -144,7 +146,7 @@ class StreamStats:
 
     def _update(self, x: Tensor) -> None:
         """Merge one flat float32 batch: compiled kernels on the CPU, tensor ops elsewhere."""
-        if _compiled(x):
+        if x.is_cpu and _KERNELS:
             self._update_cpu(x)
             return
         total = float(x.sum(dtype=torch.float64))
