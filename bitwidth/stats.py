@@ -77,6 +77,7 @@ class Recorder:
         self._streams: dict[tuple[str, str, bool, int], StreamStats] = {}
         self._fresh: list[StreamStats] = []  # made in this snapshot
         self._current: dict[tuple[str, str, bool], StreamStats] = {}  # the open snapshot's streams
+        self._grad_hooks: dict[tuple[str, int], Any] = {}  # the open snapshot's gradient hooks
         self._pending: dict[tuple[str, bool], Any] = {}  # weights to summarize at snapshot close
         self._handles: list[Any] = []
         self._grad_handles: list[Any] = []
@@ -144,24 +145,29 @@ class Recorder:
             self._summarize_weights()
             for st in self._fresh:  # a closed snapshot keeps no buffer
                 st.flush(release=True)
-            self._fresh, self._current = [], {}
+            self._fresh, self._current, self._grad_hooks = [], {}, {}
         self.step_index += 1
 
     def _on_forward(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
-        info = self.layers[name]
         x = args[0] if args else None
-        if math.isnan(info["macs"]) and isinstance(x, Tensor) and isinstance(output, Tensor):
+        info = self.layers[name]
+        if info["macs"] != info["macs"] and isinstance(x, Tensor) and isinstance(output, Tensor):  # NaN: not yet
             info["macs"] = _macs_per_sample(module, x, output)
         if not self._active:
             return
-        if "activation" in self.kinds and isinstance(x, Tensor) and x.is_floating_point():
+        kinds = self.kinds
+        if "activation" in kinds and isinstance(x, Tensor) and x.is_floating_point():
             self._add(name, "activation", False, x)
-        if "weight" in self.kinds:
+        if "weight" in kinds:
             self._pending[(name, False)] = module
-        if "gradient" in self.kinds and isinstance(output, Tensor) and output.requires_grad:
+        if "gradient" in kinds and isinstance(output, Tensor) and output.requires_grad:
             # A tensor hook, not a module backward hook: those break on in-place ops
             # (torchvision's ReLU(inplace=True)) that follow the layer.
-            self._grad_handles.append(output.register_hook(partial(self._on_grad, name, self._snap)))
+            snap = self._snap
+            hook = self._grad_hooks.get((name, snap))
+            if hook is None:
+                hook = self._grad_hooks[(name, snap)] = partial(self._on_grad, name, snap)
+            self._grad_handles.append(output.register_hook(hook))
             if len(self._grad_handles) > 8 * len(self._modules) + 64:
                 # Handles of graphs already freed are dead; dropping them bounds memory.
                 self._grad_handles = [h for h in self._grad_handles if h.hooks_dict_ref() is not None]

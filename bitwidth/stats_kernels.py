@@ -23,7 +23,8 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["update", "merge", "new_state", "scan", "central_sums", "abs_histogram", "reservoir_plan", "uniform"]
+__all__ = ["update", "merge", "new_state", "dense_plan", "reservoir_plan", "scan", "central_sums", "abs_histogram",
+           "uniform"]
 
 # Reassociation lets the reductions vectorize; no "nnan"/"ninf": a NaN or Inf must
 # reach the sum, which is how the caller detects a batch holding one.
@@ -145,6 +146,38 @@ def reservoir_plan(state: np.ndarray, k: int, seen: int, n: int,
             pos[j] = pos[i]
             slots[j] = slots[i]
     return pos[j:m], slots[j:m], w, nxt
+
+
+@njit(cache=True)
+def _distinct(state: np.ndarray, m: int, n: int) -> np.ndarray:
+    """``m`` distinct integers drawn uniformly from range(n) (Floyd's algorithm: m draws)."""
+    out = np.empty(m, np.int64)
+    if n <= 1 << 22:  # a byte per candidate
+        taken = np.zeros(n, np.bool_)
+        for i in range(m):
+            j = n - m + i
+            t = int(uniform(state) * (j + 1))
+            if taken[t]:
+                t = j
+            taken[t] = True
+            out[i] = t
+        return out
+    seen = {0}  # a hash set for huge batches (typed by its first element, removed at once)
+    seen.clear()
+    for i in range(m):
+        j = n - m + i
+        t = int(uniform(state) * (j + 1))
+        if t in seen:
+            t = j
+        seen.add(t)
+        out[i] = t
+    return out
+
+
+@njit(cache=True)
+def dense_plan(state: np.ndarray, k: int, n: int, new: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of ``new`` values drawn uniformly from a batch of ``n``, and the distinct slots of k they replace."""
+    return _distinct(state, new, n), _distinct(state, new, k)
 
 
 # The running state of a stream, one float64 array (counts are exact below 2**53).

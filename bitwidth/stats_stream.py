@@ -33,6 +33,7 @@ from .stats_kernels import (
     SEEN,
     ZEROS,
     W,
+    dense_plan,
     merge,
     new_state,
     reservoir_plan,
@@ -196,28 +197,28 @@ class StreamStats:
             return
         if self.rng is None:
             self.rng = np.random.default_rng(self.seed)
+            self.lstate = self.rng.integers(2**63, size=1, dtype=np.uint64)
         rng = self.rng
         if k * n < _SPARSE * (seen + n):
             # Few values enter: draw the gaps between them (Algorithm L). Its state, the
             # k-th smallest of the keys so far, is independent of which values are in
             # the sample, so it can start here with a fresh draw from its distribution.
             if acc[NXT] < 0:
-                self.lstate = rng.integers(2**63, size=1, dtype=np.uint64)
                 acc[W] = rng.beta(k, seen - k + 1)
             pos, slots, acc[W], acc[NXT] = reservoir_plan(self.lstate, k, seen, n, acc[W], int(acc[NXT]))
-            if len(pos):
-                self.sample[slots] = x[torch.from_numpy(pos + fill).to(x.device)].cpu().numpy()
-            return
-        acc[NXT] = -1  # many enter: the other method, vectorised; Algorithm L restarts later
-        # How many of the k come from the new data is hypergeometric; they are drawn
-        # uniformly and replace uniformly chosen old ones.
-        if seen < _HUGE and n < _HUGE:
-            new = k - int(rng.hypergeometric(seen, n, k))
-        else:  # populations this large make the binomial indistinguishable
-            new = int(rng.binomial(k, n / (seen + n)))
-        if new:
-            picked = x[torch.from_numpy(rng.choice(n, new, replace=False) + fill).to(x.device)]
-            self.sample[rng.choice(k, new, replace=False)] = picked.cpu().numpy()
+        else:
+            acc[NXT] = -1  # many enter: Algorithm L restarts later
+            # How many of the k come from the new data is hypergeometric; they are drawn
+            # uniformly and replace uniformly chosen old ones.
+            if seen < _HUGE and n < _HUGE:
+                new = k - int(rng.hypergeometric(seen, n, k))
+            else:  # populations this large make the binomial indistinguishable
+                new = int(rng.binomial(k, n / (seen + n)))
+            pos, slots = dense_plan(self.lstate, k, n, new)
+        if x.is_cpu:
+            self.sample[slots] = x.numpy()[pos + fill]
+        elif len(pos):
+            self.sample[slots] = x[torch.from_numpy(pos + fill).to(x.device)].cpu().numpy()
 
     def histogram(self) -> np.ndarray:
         """Counts of nonzero finite |x| per bin of :func:`hist_edges`."""

@@ -494,6 +494,26 @@ def test_reservoir_plan_is_deterministic_and_names_each_slot_once():
     assert len(none[0]) == 0 and none[3] == nxt2
 
 
+def test_dense_plan_draws_uniform_distinct_subsets():
+    """Floyd's algorithm: every position and every slot equally likely, never twice in a plan."""
+    from bitwidth.stats_kernels import dense_plan
+
+    state = np.array([11], np.uint64)
+    pos_counts, slot_counts, draws = np.zeros(12), np.zeros(7), 20_000
+    for _ in range(draws):
+        pos, slots = dense_plan(state, 7, 12, 4)
+        assert len(set(pos.tolist())) == 4 and len(set(slots.tolist())) == 4
+        assert pos.min() >= 0 and pos.max() < 12 and slots.max() < 7
+        pos_counts[pos] += 1
+        slot_counts[slots] += 1
+    for counts, n in ((pos_counts, 12), (slot_counts, 7)):
+        expected = draws * 4 / n
+        chi2 = ((counts - expected) ** 2 / expected).sum()
+        assert chi2 < 32.9 if n == 12 else chi2 < 22.5, counts  # p = 0.0005 for 11 and 6 degrees of freedom
+    huge = dense_plan(state, 8, 1 << 23, 5)[0]  # beyond a byte per candidate: the hash set
+    assert len(set(huge.tolist())) == 5 and huge.max() < 1 << 23
+
+
 @pytest.mark.parametrize("sizes", [[2500] * 400, [50_000, 300, 300, 200_000, 100, 7, 250_000, 2000, 40, 197_253]],
                          ids=["many-small", "mixed"])
 def test_reservoir_stays_uniform_across_both_sampling_methods(sizes):
