@@ -77,7 +77,7 @@ class Recorder:
         self._streams: dict[tuple[str, str, bool, int], StreamStats] = {}
         self._fresh: list[StreamStats] = []  # made in this snapshot
         self._current: dict[tuple[str, str, bool], StreamStats] = {}  # the open snapshot's streams
-        self._grad_hooks: dict[tuple[str, int], Any] = {}  # the open snapshot's gradient hooks
+        self._grad_hooks: dict[tuple[str, int, int], Any] = {}  # the open snapshot's gradient hooks
         self._pending: dict[tuple[str, bool], Any] = {}  # weights to summarize at snapshot close
         self._handles: list[Any] = []
         self._grad_handles: list[Any] = []
@@ -160,21 +160,23 @@ class Recorder:
             self._add(name, "activation", False, x)
         if "weight" in kinds:
             self._pending[(name, False)] = module
-        if "gradient" in kinds and isinstance(output, Tensor) and output.requires_grad:
-            # A tensor hook, not a module backward hook: those break on in-place ops
-            # (torchvision's ReLU(inplace=True)) that follow the layer.
-            snap = self._snap
-            hook = self._grad_hooks.get((name, snap))
+        if "gradient" in kinds and isinstance(output, Tensor) and output.grad_fn is not None:
+            # A pre-hook on the node that made the output: it receives the gradient w.r.t.
+            # the output as the layer produced it, even when an in-place op follows
+            # (torchvision's ReLU(inplace=True)), which breaks module backward hooks. It
+            # is cheaper to register than a tensor hook, and is registered every forward.
+            snap, nr = self._snap, output.output_nr
+            hook = self._grad_hooks.get((name, snap, nr))
             if hook is None:
-                hook = self._grad_hooks[(name, snap)] = partial(self._on_grad, name, snap)
-            self._grad_handles.append(output.register_hook(hook))
+                hook = self._grad_hooks[(name, snap, nr)] = partial(self._on_grad, name, snap, nr)
+            self._grad_handles.append(output.grad_fn.register_prehook(hook))
             if len(self._grad_handles) > 8 * len(self._modules) + 64:
                 # Handles of graphs already freed are dead; dropping them bounds memory.
                 self._grad_handles = [h for h in self._grad_handles if h.hooks_dict_ref() is not None]
 
-    def _on_grad(self, name: str, step: int, grad: Tensor) -> None:
-        if self._open:
-            self._add(name, "gradient", False, grad, step)
+    def _on_grad(self, name: str, step: int, nr: int, grads: tuple[Tensor | None, ...]) -> None:
+        if self._open and grads[nr] is not None:
+            self._add(name, "gradient", False, grads[nr], step)
 
     def _on_tap(self, name: str, kind: str, tensor: Tensor) -> None:
         if not (self._open and self._active and kind in self.kinds):

@@ -84,6 +84,10 @@ def abs_histogram(a: np.ndarray, hist: np.ndarray) -> None:
     concentrated data (ReLU zeros) would otherwise serialise on.
     """
     bits = a.view(np.int32)
+    if a.size < 1024:  # small batches: setting up and folding the partial histograms would cost more
+        for i in range(a.size):
+            hist[(bits[i] >> 20) & 0x7FF] += 1
+        return
     sub = np.zeros((4, 2048), np.int32)
     for i in range(a.size):
         sub[i & 3, (bits[i] >> 20) & 0x7FF] += 1
