@@ -3,7 +3,7 @@
 Each statistic would cost PyTorch several passes over the data (a temporary per
 power, an extra pass for the bin codes, a branchy ``bincount``); on a small model
 that is as much compute as the model's own step. These loops do the same work in
-three passes in all, accumulating in float64. They are pure functions of NumPy
+two passes, accumulating in float64. They are pure functions of NumPy
 arrays and are checked against NumPy in the tests. ``cache=True`` keeps the compiled
 code on disk, so only the first use on a machine pays the compile (a few seconds).
 
@@ -32,27 +32,32 @@ _FAST = {"reassoc", "contract"}
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
-def scan(a: np.ndarray) -> tuple[float, int, int, int]:
-    """Sum (float64), number of exact zeros, and the order keys of the min and max of a float32 vector.
+def scan(a: np.ndarray, c: float) -> tuple[float, float, float, float, int, int, int]:
+    """Sums of (x - c)**1..4 (float64), the number of exact zeros, and the order keys of the min and max.
 
-    The extremes are taken over int32 keys that order like the floats (the bit pattern,
-    magnitude bits flipped for negatives): integer min/max vectorise, float min/max
-    (with their NaN rules) do not.
+    One vectorised pass over a float32 vector. The extremes are taken over int32 keys
+    that order like the floats (the bit pattern, magnitude bits flipped for negatives):
+    integer min/max vectorise, float min/max (with their NaN rules) do not.
     """
     bits = a.view(np.int32)
-    s = 0.0
+    s1 = s2 = s3 = s4 = 0.0
     z = 0
     lo = np.int32(0x7FFFFFFF)
     hi = np.int32(-0x80000000)
     for i in range(a.size):
         v = a[i]
-        s += v
+        d = np.float64(v) - c
+        d2 = d * d
+        s1 += d
+        s2 += d2
+        s3 += d2 * d
+        s4 += d2 * d2
         z += v == 0
         b = bits[i]
         key = b ^ ((b >> 31) & 0x7FFFFFFF)
         lo = min(lo, key)
         hi = max(hi, key)
-    return s, z, lo, hi
+    return s1, s2, s3, s4, z, lo, hi
 
 
 @njit(cache=True)
@@ -223,7 +228,7 @@ def update(a: np.ndarray, hist: np.ndarray, acc: np.ndarray, sample: np.ndarray,
            k: int, sparse: int) -> int:
     """Merge a float32 batch into a stream: statistics, histogram and, once it runs sparse, the sample.
 
-    Three passes: sum, zeros and extremes; central sums; histogram. Then, if Algorithm L
+    Two passes: power sums, zeros and extremes; histogram. Then, if Algorithm L
     is running (``acc[NXT] >= 0``) and fewer than ``sparse`` values are expected to
     enter, the values that enter are written into ``sample`` (size k) and ``acc[SEEN]``
     advances. Returns 0 when done, 1 when the caller must sample the batch (and
@@ -232,11 +237,21 @@ def update(a: np.ndarray, hist: np.ndarray, acc: np.ndarray, sample: np.ndarray,
     n = a.size
     if n == 0:
         return 0
-    s, z, lo, hi = scan(a)
-    if not math.isfinite(s):
+    # Power sums about a shift c near the mean (the stream's mean so far), turned into
+    # sums about the batch mean. That loses precision when the batch mean is many
+    # standard deviations from c; then a second pass centres on the batch mean itself.
+    c = acc[MEAN] if acc[COUNT] > 0 else np.float64(a[0])
+    s1, s2, s3, s4, z, lo, hi = scan(a, c)
+    if not math.isfinite(s1):
         return -1
-    mean = s / n
-    m2, m3, m4 = central_sums(a, mean)
+    d = s1 / n
+    mean = c + d
+    m2 = s2 - n * d * d
+    if n * d * d <= 1e3 * m2:  # |mean - c| <= 31 sd: errors stay below 1e-10 relative
+        m3 = s3 - 3 * d * s2 + 2 * n * d**3
+        m4 = s4 - 4 * d * s3 + 6 * d * d * s2 - 3 * n * d**4
+    else:
+        m2, m3, m4 = central_sums(a, mean)
     abs_histogram(a, hist)
     merge(acc, n, mean, m2, m3, m4, np.float64(_from_key(lo)), np.float64(_from_key(hi)), z)
     seen = int(acc[SEEN])

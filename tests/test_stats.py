@@ -447,9 +447,10 @@ def test_kernels_match_numpy():
                    -torch.rand(99, generator=g).exp(), torch.tensor([-0.0])])
     a = x.numpy()
     a64 = a.astype(np.float64)
-    total, zeros, _, _ = scan(a)
-    assert total == pytest.approx(a64.sum(), rel=1e-12) and zeros == (a == 0).sum() >= 701
+    s1, s2, s3, s4, zeros, _, _ = scan(a, 3.0)
     d = a64 - 3.0
+    assert (s1, s2, s3, s4) == pytest.approx([(d**p).sum() for p in (1, 2, 3, 4)], rel=1e-12)
+    assert zeros == (a == 0).sum() >= 701
     assert central_sums(a, 3.0) == pytest.approx(((d**2).sum(), (d**3).sum(), (d**4).sum()), rel=1e-10)
     hist = np.zeros(2048, np.int64)
     hist[5] = 7  # the kernels add to what is there
@@ -467,6 +468,19 @@ def test_kernels_match_numpy():
     assert acc[MEAN] == pytest.approx(a64.mean(), rel=1e-12)
     assert acc[M2] == pytest.approx(((a64 - a64.mean()) ** 2).sum(), rel=1e-12)
     assert acc[M4] == pytest.approx(((a64 - a64.mean()) ** 4).sum(), rel=1e-12)
+    # A batch far from the running mean (1e6 sd away) takes the second, centring pass.
+    far = (np.arange(1000, dtype=np.float32) * 1e-3 + 1e4).astype(np.float32)
+    acc2 = new_state()
+    for part in (a, far):
+        update(part, np.zeros(2048, np.int64), acc2, np.zeros(0, np.float32), np.zeros(1, np.uint64), 0, 512)
+    both = np.concatenate([a64, far.astype(np.float64)])
+    assert acc2[MEAN] == pytest.approx(both.mean(), rel=1e-12)
+    for p, idx in ((2, M2), (4, M4)):
+        assert acc2[idx] == pytest.approx(((both - both.mean()) ** p).sum(), rel=1e-10)
+    tight = new_state()  # nearly constant data offset from zero: cancellation would show here
+    update(far, np.zeros(2048, np.int64), tight, np.zeros(0, np.float32), np.zeros(1, np.uint64), 0, 512)
+    f64 = far.astype(np.float64)
+    assert tight[M2] == pytest.approx(((f64 - f64.mean()) ** 2).sum(), rel=1e-9)
     # Extremes over negative numbers, signed zeros, subnormals and the largest floats.
     for values in ([-5.0, -1.0, -7.5], [-0.0, 0.0], [1e-45, -1e-45], [2.0], [3e38, -3e38, 1.0]):
         acc = new_state()
