@@ -77,7 +77,6 @@ class Recorder:
         self._streams: dict[tuple[str, str, bool, int], StreamStats] = {}
         self._fresh: list[StreamStats] = []  # made in this snapshot
         self._current: dict[tuple[str, str, bool], StreamStats] = {}  # the open snapshot's streams
-        self._grad_hooks: dict[tuple[str, int, int], Any] = {}  # the open snapshot's gradient hooks
         self._pending: dict[tuple[str, bool], Any] = {}  # weights to summarize at snapshot close
         self._handles: list[Any] = []
         self._grad_handles: list[Any] = []
@@ -145,13 +144,13 @@ class Recorder:
             self._summarize_weights()
             for st in self._fresh:  # a closed snapshot keeps no buffer
                 st.flush(release=True)
-            self._fresh, self._current, self._grad_hooks = [], {}, {}
+            self._fresh, self._current = [], {}
         self.step_index += 1
 
     def _on_forward(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
         x = args[0] if args else None
         info = self.layers[name]
-        if info["macs"] != info["macs"] and isinstance(x, Tensor) and isinstance(output, Tensor):  # NaN: not yet
+        if math.isnan(info["macs"]) and isinstance(x, Tensor) and isinstance(output, Tensor):
             info["macs"] = _macs_per_sample(module, x, output)
         if not self._active:
             return
@@ -165,10 +164,7 @@ class Recorder:
             # the output as the layer produced it, even when an in-place op follows
             # (torchvision's ReLU(inplace=True)), which breaks module backward hooks. It
             # is cheaper to register than a tensor hook, and is registered every forward.
-            snap, nr = self._snap, output.output_nr
-            hook = self._grad_hooks.get((name, snap, nr))
-            if hook is None:
-                hook = self._grad_hooks[(name, snap, nr)] = partial(self._on_grad, name, snap, nr)
+            hook = partial(self._on_grad, name, self._snap, output.output_nr)
             self._grad_handles.append(output.grad_fn.register_prehook(hook))
             if len(self._grad_handles) > 8 * len(self._modules) + 64:
                 # Handles of graphs already freed are dead; dropping them bounds memory.

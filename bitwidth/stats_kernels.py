@@ -118,6 +118,14 @@ def _skip(state: np.ndarray, w: float) -> int:
 
 
 @njit(cache=True)
+def _l_step(state: np.ndarray, k: int, w: float, nxt: int) -> tuple[int, float, int]:
+    """One step of Algorithm L: the slot the value at ``nxt`` takes, then the new w and next index."""
+    slot = int(uniform(state) * k)
+    w *= math.exp(math.log(uniform(state)) / k)
+    return slot, w, nxt + _skip(state, w) + 1
+
+
+@njit(cache=True)
 def reservoir_plan(state: np.ndarray, k: int, seen: int, n: int,
                    w: float, nxt: int) -> tuple[np.ndarray, np.ndarray, float, int]:
     """Which of ``n`` new values enter a full reservoir of ``k`` that has seen ``seen`` (Algorithm L).
@@ -142,10 +150,8 @@ def reservoir_plan(state: np.ndarray, k: int, seen: int, n: int,
             pos = np.concatenate((pos, np.empty(cap - m, np.int64)))
             slots = np.concatenate((slots, np.empty(cap - m, np.int64)))
         pos[m] = nxt - seen
-        slots[m] = int(uniform(state) * k)
+        slots[m], w, nxt = _l_step(state, k, w, nxt)
         m += 1
-        w *= math.exp(math.log(uniform(state)) / k)
-        nxt += _skip(state, w) + 1
     taken = np.zeros(k, np.bool_)
     j = m
     for i in range(m - 1, -1, -1):  # later draws overwrite earlier ones: keep the last per slot
@@ -261,9 +267,9 @@ def update(a: np.ndarray, hist: np.ndarray, acc: np.ndarray, sample: np.ndarray,
     if acc[NXT] < 0 or k * n >= sparse * (seen + n):
         return 1
     nxt, w = int(acc[NXT]), acc[W]
-    while nxt < seen + n:  # the loop of reservoir_plan, applied in place
-        sample[int(uniform(state) * k)] = a[nxt - seen]
-        w *= math.exp(math.log(uniform(state)) / k)
-        nxt += _skip(state, w) + 1
+    while nxt < seen + n:  # reservoir_plan's loop, applied in place (later draws overwrite earlier ones)
+        i = nxt - seen
+        slot, w, nxt = _l_step(state, k, w, nxt)
+        sample[slot] = a[i]
     acc[SEEN], acc[W], acc[NXT] = seen + n, w, nxt
     return 0

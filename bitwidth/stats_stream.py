@@ -102,7 +102,7 @@ class StreamStats:
             x = x.reshape(-1) if x.dtype is torch.float32 else x.reshape(-1).float()
             done = update(x.numpy(), self.hist, self.acc, self.sample, self.lstate, self.k, _SPARSE)
             if done:
-                self._update_cpu(x, done)  # NaN/Inf in the batch, or a sample to draw in Python
+                self._finish_cpu(x, done)
             return
         n = x.numel()
         if n >= _DIRECT or not pool:
@@ -135,10 +135,9 @@ class StreamStats:
         if release:
             self.buf, self.buf_cap = None, 0
 
-    def _update_cpu(self, x: Tensor, done: int | None = None) -> None:
-        # One call merges the statistics and, once Algorithm L runs, the sample too.
-        if done is None:
-            done = update(x.numpy(), self.hist, self.acc, self.sample, self.lstate, self.k, _SPARSE)
+    def _finish_cpu(self, x: Tensor, done: int) -> None:
+        # What the compiled update left: a batch holding NaN/Inf (done < 0), merged again
+        # without them, or a sample to draw in Python (done > 0).
         if done < 0:
             x = self._drop_nonfinite(x)
             done = update(x.numpy(), self.hist, self.acc, self.sample, self.lstate, self.k, _SPARSE)
@@ -146,10 +145,7 @@ class StreamStats:
             self._sample(x, x.numel())
 
     def _update(self, x: Tensor) -> None:
-        """Merge one flat float32 batch: compiled kernels on the CPU, tensor ops elsewhere."""
-        if x.is_cpu and _KERNELS:
-            self._update_cpu(x)
-            return
+        """Merge one flat float32 batch with tensor ops (data on an accelerator)."""
         total = float(x.sum(dtype=torch.float64))
         if not math.isfinite(total):
             x = self._drop_nonfinite(x)
@@ -170,10 +166,7 @@ class StreamStats:
         zeros = n - torch.count_nonzero(x)
         lo, hi, m2, m3, m4, z = torch.stack([mn.double(), mx.double(), s2, s3, s4, zeros.double()]).tolist()
         merge(self.acc, n, mean, m2, m3, m4, lo, hi, int(z))
-        if self.k:
-            self._sample(x, n)
-        else:
-            self.acc[SEEN] += n
+        self._sample(x, n)
 
     def _drop_nonfinite(self, x: Tensor) -> Tensor:
         # Only batches holding NaN/Inf take this path; the non-finite values are counted
@@ -189,6 +182,8 @@ class StreamStats:
         # values seen, by one of two exact methods, whichever is cheaper for the batch.
         k, seen, acc = self.k, self.seen, self.acc
         acc[SEEN] = seen + n
+        if not k:
+            return
         fill = min(n, max(0, k - seen))
         if fill:
             self.sample = np.concatenate([self.sample, x[:fill].cpu().numpy()])

@@ -166,11 +166,16 @@ def _eager_greedy(fake, space, bits, cost, cheapest_passing_every_step=False):
     return bits
 
 
+def _joint_problem() -> tuple[dict, object, object]:
+    """Per-pair thresholds, a shared candidate space and relative costs for the joint-step tests."""
+    thresholds = dict(zip(PAIRS, (3, 4, 2, 5), strict=True))
+    cost = _relative_cost(dict(zip(PAIRS, (1.0, 3.0, 0.5, 2.0), strict=True)))
+    return thresholds, _space(PAIRS, (2, 3, 4, 5, 6, 8)), cost
+
+
 @pytest.mark.parametrize("tol", [0.004, 0.008, 0.012])
 def test_lazy_joint_matches_the_eager_greedy_with_fewer_trials(tol):
-    thresholds = dict(zip(PAIRS, (3, 4, 2, 5), strict=True))
-    space = _space(PAIRS, (2, 3, 4, 5, 6, 8))
-    cost = _relative_cost(dict(zip(PAIRS, (1.0, 3.0, 0.5, 2.0), strict=True)))
+    thresholds, space, cost = _joint_problem()
     lazy_fake, eager_fake = Fake(_additive(thresholds), tol=tol), Fake(_additive(thresholds), tol=tol)
     res = joint(lazy_fake, space, thresholds, cost=cost)
     assert res.passed and res.bits == _eager_greedy(eager_fake, space, thresholds, cost)
@@ -286,9 +291,7 @@ def test_search_result_save_load_roundtrip(tmp_path):
 
 @pytest.mark.parametrize("tol", [0.003, 0.0])
 def test_prefetch_gives_the_same_joint_plan_in_fewer_rounds(tol):
-    thresholds = dict(zip(PAIRS, (3, 4, 2, 5), strict=True))
-    space = _space(PAIRS, (2, 3, 4, 5, 6, 8))
-    cost = _relative_cost(dict(zip(PAIRS, (1.0, 3.0, 0.5, 2.0), strict=True)))
+    thresholds, space, cost = _joint_problem()
     plain, ahead = Fake(_additive(thresholds), tol=tol), Fake(_additive(thresholds), tol=tol)
     base = joint(plain, space, thresholds, cost=cost)
     fast = joint(ahead, space, thresholds, cost=cost, prefetch=1)

@@ -442,6 +442,10 @@ def test_kernels_match_numpy():
         update,
     )
 
+    def merge_in(part, acc, hist=None):  # a stream that keeps no sample (k = 0)
+        hist = np.zeros(2048, np.int64) if hist is None else hist
+        return update(np.asarray(part, np.float32), hist, acc, np.zeros(0, np.float32), np.zeros(1, np.uint64), 0, 512)
+
     g = torch.Generator().manual_seed(3)
     x = torch.cat([torch.randn(5001, generator=g) * 1e3, torch.zeros(700), torch.rand(300, generator=g) * 1e-40,
                    -torch.rand(99, generator=g).exp(), torch.tensor([-0.0])])
@@ -462,7 +466,7 @@ def test_kernels_match_numpy():
     # update: two halves merged (Pébay) equal the whole; no sample kept (k = 0).
     acc, hist = new_state(), np.zeros(2048, np.int64)
     for half in (a[:3000], a[3000:]):
-        assert update(half, hist, acc, np.zeros(0, np.float32), np.zeros(1, np.uint64), 0, 512) == 0
+        assert merge_in(half, acc, hist) == 0
     assert np.array_equal(hist, expected)
     assert acc[[COUNT, MIN, MAX, ZEROS, SEEN]].tolist() == [a.size, a.min(), a.max(), zeros, a.size]
     assert acc[MEAN] == pytest.approx(a64.mean(), rel=1e-12)
@@ -472,26 +476,24 @@ def test_kernels_match_numpy():
     far = (np.arange(1000, dtype=np.float32) * 1e-3 + 1e4).astype(np.float32)
     acc2 = new_state()
     for part in (a, far):
-        update(part, np.zeros(2048, np.int64), acc2, np.zeros(0, np.float32), np.zeros(1, np.uint64), 0, 512)
+        merge_in(part, acc2)
     both = np.concatenate([a64, far.astype(np.float64)])
     assert acc2[MEAN] == pytest.approx(both.mean(), rel=1e-12)
     for p, idx in ((2, M2), (4, M4)):
         assert acc2[idx] == pytest.approx(((both - both.mean()) ** p).sum(), rel=1e-10)
     tight = new_state()  # nearly constant data offset from zero: cancellation would show here
-    update(far, np.zeros(2048, np.int64), tight, np.zeros(0, np.float32), np.zeros(1, np.uint64), 0, 512)
+    merge_in(far, tight)
     f64 = far.astype(np.float64)
     assert tight[M2] == pytest.approx(((f64 - f64.mean()) ** 2).sum(), rel=1e-9)
     # Extremes over negative numbers, signed zeros, subnormals and the largest floats.
     for values in ([-5.0, -1.0, -7.5], [-0.0, 0.0], [1e-45, -1e-45], [2.0], [3e38, -3e38, 1.0]):
         acc = new_state()
-        update(np.array(values, np.float32), np.zeros(2048, np.int64), acc, np.zeros(0, np.float32),
-               np.zeros(1, np.uint64), 0, 512)
+        merge_in(values, acc)
         assert (acc[MIN], acc[MAX]) == (min(np.float32(values)), max(np.float32(values)))
     # A NaN or Inf makes the batch refused untouched; an empty one changes nothing.
     before, hist0 = acc.copy(), hist.copy()
     for bad in ([1.0, np.inf], [np.nan], []):
-        code = update(np.array(bad, np.float32), hist, acc, np.zeros(0, np.float32), np.zeros(1, np.uint64), 0, 512)
-        assert code == (0 if not bad else -1)
+        assert merge_in(bad, acc, hist) == (0 if not bad else -1)
         assert np.array_equal(acc, before) and np.array_equal(hist, hist0)
 
 
