@@ -6,7 +6,7 @@ processes hits both alike; each figure is the median over blocks, in wall time a
 process CPU time (the CPU figure is the steadier one on a shared machine). An "on"
 block is one whole ``with record(...)`` (entry, steps, exit), so the exit work counts.
 
-    python benchmarks/bench_record.py [--steps 5] [--repeats 5] [--threads N]
+    python benchmarks/bench_record.py [--steps 5] [--repeats 5] [--threads N] [--models digits resnet18]
 
 The digits blocks run 40x the steps (its steps are ~1000x shorter).
 """
@@ -70,16 +70,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="resnet18 steps per timed block")
     parser.add_argument("--repeats", type=int, default=5, help="off/on block pairs")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--models", nargs="+", choices=("digits", "resnet18"), default=("digits", "resnet18"))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     torch.manual_seed(0)
-    xt, yt, _, _ = load_digits_split()
-    bench("digits_cnn  batch 32  1x8x8", digits_cnn(), xt[:32], yt[:32], args.steps * 40, args.repeats)
-    resnet = torchvision.models.resnet18(num_classes=10)
-    x, y = torch.randn(32, 3, 64, 64), torch.randint(0, 10, (32,))
-    bench("resnet18    batch 32  3x64x64", resnet, x, y, args.steps, args.repeats)
+    if "digits" in args.models:
+        xt, yt, _, _ = load_digits_split()
+        bench("digits_cnn  batch 32  1x8x8", digits_cnn(), xt[:32], yt[:32], args.steps * 40, args.repeats)
+    if "resnet18" in args.models:
+        resnet = torchvision.models.resnet18(num_classes=10)
+        x, y = torch.randn(32, 3, 64, 64), torch.randint(0, 10, (32,))
+        bench("resnet18    batch 32  3x64x64", resnet, x, y, args.steps, args.repeats)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,13 @@ code on disk, so only the first use on a machine pays the compile (a few seconds
 
 >>> import numpy as np
 >>> x = np.array([0.0, 1.0, -2.0, 4.0], dtype=np.float32)
->>> acc = new_state()
->>> update(x, np.zeros(2048, np.int64), acc, np.zeros(0, np.float32), np.zeros(1, np.uint64), 0, 512)
+>>> acc, part, hist = new_state(), new_partials(), np.zeros(2048, np.int64)
+>>> update(x, part, hist, acc, np.zeros(0, np.float32), np.zeros(1, np.uint64), 0, 512)
 0
 >>> acc[[COUNT, MEAN, M2, MIN, MAX, ZEROS]].tolist()
 [4.0, 0.75, 18.75, -2.0, 4.0, 1.0]
+>>> fold(part, hist); int(hist[0x3F8]), int(hist.sum())  # bin of 1.0: exponent 127, mantissa 0
+(1, 4)
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["update", "merge", "new_state", "dense_plan", "reservoir_plan", "scan", "central_sums", "abs_histogram",
-           "uniform"]
+__all__ = ["update", "merge", "new_state", "new_partials", "fold", "dense_plan", "reservoir_plan", "scan",
+           "central_sums", "abs_histogram", "uniform"]
 
 # Reassociation lets the reductions vectorize; no "nnan"/"ninf": a NaN or Inf must
 # reach the sum, which is how the caller detects a batch holding one.
@@ -80,24 +82,37 @@ def central_sums(a: np.ndarray, mean: float) -> tuple[float, float, float]:
     return s2, s3, s4
 
 
-@njit(cache=True, nogil=True)
-def abs_histogram(a: np.ndarray, hist: np.ndarray) -> None:
-    """Add the counts of |x| per bin (8 bins per octave: exponent and top 3 mantissa bits) to ``hist``.
+# Partial histograms that the kernel spreads consecutive values over: a run of values in
+# one bin (ReLU zeros, quantized inputs) would otherwise serialise on one counter. They
+# persist between batches (no zeroing and folding per call; folded when read) and are
+# padded so that they are not 16 KB apart, where stores and loads would alias.
+WAYS, STRIDE = 4, 2064
 
-    The bin of x is its float32 bit pattern shifted right by 20, sign dropped. Four
-    interleaved partial histograms break the chain of increments to one counter that
-    concentrated data (ReLU zeros) would otherwise serialise on.
+
+def new_partials() -> np.ndarray:
+    """Zeroed partial histograms for :func:`abs_histogram` (int32: folded before 2**31 values)."""
+    return np.zeros(WAYS * STRIDE, np.int32)
+
+
+@njit(cache=True, nogil=True)
+def abs_histogram(a: np.ndarray, part: np.ndarray) -> None:
+    """Add the counts of |x| per bin (8 bins per octave: exponent and top 3 mantissa bits) to ``part``.
+
+    The bin of x is its float32 bit pattern shifted right by 20, sign dropped. Value i
+    goes to partial histogram i % WAYS; :func:`fold` sums them.
     """
     bits = a.view(np.int32)
-    if a.size < 1024:  # small batches: setting up and folding the partial histograms would cost more
-        for i in range(a.size):
-            hist[(bits[i] >> 20) & 0x7FF] += 1
-        return
-    sub = np.zeros((4, 2048), np.int32)
     for i in range(a.size):
-        sub[i & 3, (bits[i] >> 20) & 0x7FF] += 1
-    for j in range(2048):
-        hist[j] += sub[0, j] + sub[1, j] + sub[2, j] + sub[3, j]
+        part[(i & (WAYS - 1)) * STRIDE + ((bits[i] >> 20) & 0x7FF)] += 1
+
+
+@njit(cache=True, nogil=True)
+def fold(part: np.ndarray, hist: np.ndarray) -> None:
+    """Move the counts of the partial histograms ``part`` into ``hist`` (2048 bins)."""
+    for w in range(WAYS):
+        for j in range(2048):
+            hist[j] += part[w * STRIDE + j]
+    part[:] = 0
 
 
 @njit(cache=True)
@@ -196,12 +211,15 @@ def dense_plan(state: np.ndarray, k: int, n: int, new: int) -> tuple[np.ndarray,
 
 
 # The running state of a stream, one float64 array (counts are exact below 2**53).
-COUNT, MEAN, M2, M3, M4, MIN, MAX, ZEROS, SEEN, W, NXT = range(11)
+COUNT, MEAN, M2, M3, M4, MIN, MAX, ZEROS, SEEN, W, NXT, PENDING = range(12)
 
 
 def new_state() -> np.ndarray:
-    """The state of a stream that has seen nothing (Algorithm L not running: NXT = -1)."""
-    acc = np.zeros(11)
+    """The state of a stream that has seen nothing (Algorithm L not running: NXT = -1).
+
+    PENDING counts the values in the partial histograms since they were last folded.
+    """
+    acc = np.zeros(12)
     acc[MIN], acc[MAX], acc[NXT] = np.inf, -np.inf, -1
     return acc
 
@@ -230,11 +248,12 @@ def merge(acc: np.ndarray, nb: int, mb: float, m2b: float, m3b: float, m4b: floa
 
 
 @njit(cache=True, nogil=True)
-def update(a: np.ndarray, hist: np.ndarray, acc: np.ndarray, sample: np.ndarray, state: np.ndarray,
+def update(a: np.ndarray, part: np.ndarray, hist: np.ndarray, acc: np.ndarray, sample: np.ndarray, state: np.ndarray,
            k: int, sparse: int) -> int:
     """Merge a float32 batch into a stream: statistics, histogram and, once it runs sparse, the sample.
 
-    Two passes: power sums, zeros and extremes; histogram. Then, if Algorithm L
+    Two passes: power sums, zeros and extremes; histogram (into the partials ``part``,
+    which spill into ``hist`` before an int32 count could overflow). Then, if Algorithm L
     is running (``acc[NXT] >= 0``) and fewer than ``sparse`` values are expected to
     enter, the values that enter are written into ``sample`` (size k) and ``acc[SEEN]``
     advances. Returns 0 when done, 1 when the caller must sample the batch (and
@@ -258,7 +277,11 @@ def update(a: np.ndarray, hist: np.ndarray, acc: np.ndarray, sample: np.ndarray,
         m4 = s4 - 4 * d * s3 + 6 * d * d * s2 - 3 * n * d**4
     else:
         m2, m3, m4 = central_sums(a, mean)
-    abs_histogram(a, hist)
+    if acc[PENDING] + n >= 2**31:  # a partial count could overflow int32
+        fold(part, hist)
+        acc[PENDING] = 0
+    abs_histogram(a, part)
+    acc[PENDING] += n
     merge(acc, n, mean, m2, m3, m4, np.float64(_from_key(lo)), np.float64(_from_key(hi)), z)
     seen = int(acc[SEEN])
     if k == 0:

@@ -30,11 +30,14 @@ from .stats_kernels import (
     MEAN,
     MIN,
     NXT,
+    PENDING,
     SEEN,
     ZEROS,
     W,
     dense_plan,
+    fold,
     merge,
+    new_partials,
     new_state,
     reservoir_plan,
     update,
@@ -72,12 +75,13 @@ def hist_edges() -> np.ndarray:
 class StreamStats:
     """Running statistics of one (layer, kind, quantized, step), merged batch by batch."""
 
-    __slots__ = ("acc", "nan", "inf", "hist", "sample", "k", "seed", "rng", "lstate", "buf", "buf_n", "buf_cap")
+    __slots__ = ("acc", "nan", "inf", "hist", "part", "sample", "k", "seed", "rng", "lstate", "buf", "buf_n", "buf_cap")
 
     def __init__(self, sample_size: int, seed: Sequence[int]) -> None:
         self.acc = new_state()  # count, moments, extremes, zeros, values sampled, Algorithm L's state
         self.nan = self.inf = 0
         self.hist = np.zeros(2048, np.int64)  # counts per bin code, zeros included, whatever the device
+        self.part: np.ndarray | None = None  # the CPU kernels' partial histograms, while the stream is open
         self.sample = np.zeros(0, np.float32)  # the first k values, then a uniform sample of k
         self.buf: Tensor | None = None  # pooled small batches, (buf_cap,) with buf_cap <= _DIRECT
         self.buf_n = self.buf_cap = 0
@@ -95,15 +99,19 @@ class StreamStats:
 
     def add(self, x: Tensor, pool: bool = True) -> None:
         """Merge a batch in; on an accelerator small ones are pooled in a buffer and merged together."""
-        x = x.detach()  # every op below then runs without autograd (cheaper than no_grad())
         if x.is_cpu and _KERNELS:
             # One compiled call of a few microseconds: cheaper than copying into a pool,
-            # and the data is still in cache. This path runs for every recorded tensor.
-            x = x.reshape(-1) if x.dtype is torch.float32 else x.reshape(-1).float()
-            done = update(x.numpy(), self.hist, self.acc, self.sample, self.lstate, self.k, _SPARSE)
+            # and the data is still in cache. This path runs for every recorded tensor, so
+            # the view is made the cheapest way: numpy(force=True) detaches in the same call,
+            # and NumPy's reshape costs less than torch's.
+            a = (x.numpy(force=True) if x.dtype is torch.float32 else x.detach().float().numpy()).reshape(-1)
+            if self.part is None:
+                self.part = new_partials()
+            done = update(a, self.part, self.hist, self.acc, self.sample, self.lstate, self.k, _SPARSE)
             if done:
-                self._finish_cpu(x, done)
+                self._finish_cpu(torch.from_numpy(a), done)
             return
+        x = x.detach()  # every op below then runs without autograd (cheaper than no_grad())
         n = x.numel()
         if n >= _DIRECT or not pool:
             self._update(x.reshape(-1).float())
@@ -128,19 +136,20 @@ class StreamStats:
         self.buf_n = end
 
     def flush(self, release: bool = False) -> None:
-        """Merge the buffered batches; ``release`` also frees the buffer."""
+        """Merge the buffered batches and partial histograms; ``release`` also frees their memory."""
         if self.buf_n:
             n, self.buf_n = self.buf_n, 0
             self._update(self.buf[:n])  # type: ignore[index]
+        self._fold()
         if release:
-            self.buf, self.buf_cap = None, 0
+            self.buf, self.buf_cap, self.part = None, 0, None
 
     def _finish_cpu(self, x: Tensor, done: int) -> None:
         # What the compiled update left: a batch holding NaN/Inf (done < 0), merged again
         # without them, or a sample to draw in Python (done > 0).
         if done < 0:
             x = self._drop_nonfinite(x)
-            done = update(x.numpy(), self.hist, self.acc, self.sample, self.lstate, self.k, _SPARSE)
+            done = update(x.numpy(), self.part, self.hist, self.acc, self.sample, self.lstate, self.k, _SPARSE)
         if done > 0:
             self._sample(x, x.numel())
 
@@ -215,8 +224,14 @@ class StreamStats:
         elif len(pos):
             self.sample[slots] = x[torch.from_numpy(pos + fill).to(x.device)].cpu().numpy()
 
+    def _fold(self) -> None:
+        if self.part is not None and self.acc[PENDING]:
+            fold(self.part, self.hist)
+            self.acc[PENDING] = 0
+
     def histogram(self) -> np.ndarray:
         """Counts of nonzero finite |x| per bin of :func:`hist_edges`."""
+        self._fold()
         h = self.hist[:_NBINS].copy()
         h[0] -= self.zeros  # zeros share bin 0 with the tiniest subnormals
         return h

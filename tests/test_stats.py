@@ -433,18 +433,25 @@ def test_kernels_match_numpy():
         MAX,
         MEAN,
         MIN,
+        PENDING,
         SEEN,
         ZEROS,
         abs_histogram,
         central_sums,
+        fold,
+        new_partials,
         new_state,
         scan,
         update,
     )
 
-    def merge_in(part, acc, hist=None):  # a stream that keeps no sample (k = 0)
+    def merge_in(values, acc, hist=None):  # a stream that keeps no sample (k = 0), its histogram folded
         hist = np.zeros(2048, np.int64) if hist is None else hist
-        return update(np.asarray(part, np.float32), hist, acc, np.zeros(0, np.float32), np.zeros(1, np.uint64), 0, 512)
+        part = new_partials()
+        done = update(np.asarray(values, np.float32), part, hist, acc, np.zeros(0, np.float32), np.zeros(1, np.uint64),
+                      0, 512)
+        fold(part, hist)
+        return done
 
     g = torch.Generator().manual_seed(3)
     x = torch.cat([torch.randn(5001, generator=g) * 1e3, torch.zeros(700), torch.rand(300, generator=g) * 1e-40,
@@ -456,13 +463,22 @@ def test_kernels_match_numpy():
     assert (s1, s2, s3, s4) == pytest.approx([(d**p).sum() for p in (1, 2, 3, 4)], rel=1e-12)
     assert zeros == (a == 0).sum() >= 701
     assert central_sums(a, 3.0) == pytest.approx(((d**2).sum(), (d**3).sum(), (d**4).sum()), rel=1e-10)
-    hist = np.zeros(2048, np.int64)
-    hist[5] = 7  # the kernels add to what is there
-    abs_histogram(a, hist)
+    hist, part = np.zeros(2048, np.int64), new_partials()
+    hist[5] = 7  # folding adds to what is there
+    abs_histogram(a, part)
+    fold(part, hist)
+    assert not part.any()  # folding empties the partials
     codes = np.abs(a).view(np.int32) >> 20  # bit pattern of |x|: exponent and top 3 mantissa bits
     expected = np.bincount(codes, minlength=2048)
     assert np.array_equal(hist - np.eye(1, 2048, 5, dtype=np.int64)[0] * 7, expected)
     assert bin_of(float(a[0])) == codes[0]
+    # The partials spill into the histogram before an int32 count could overflow.
+    acc, hist, part = new_state(), np.zeros(2048, np.int64), new_partials()
+    update(a[:100], part, hist, acc, np.zeros(0, np.float32), np.zeros(1, np.uint64), 0, 512)
+    assert hist.sum() == 0 and part.sum() == 100 and acc[PENDING] == 100
+    acc[PENDING] = 2**31 - 50
+    update(a[100:200], part, hist, acc, np.zeros(0, np.float32), np.zeros(1, np.uint64), 0, 512)
+    assert hist.sum() == 100 and part.sum() == 100 and acc[PENDING] == 100
     # update: two halves merged (Pébay) equal the whole; no sample kept (k = 0).
     acc, hist = new_state(), np.zeros(2048, np.int64)
     for half in (a[:3000], a[3000:]):
