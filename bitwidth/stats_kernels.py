@@ -20,13 +20,15 @@ code on disk, so only the first use on a machine pays the compile (a few seconds
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from numba import njit
 
-__all__ = ["update", "merge", "new_state", "new_partials", "fold", "dense_plan", "reservoir_plan", "scan",
-           "central_sums", "abs_histogram", "uniform"]
+__all__ = ["update", "merge", "new_state", "new_partials", "fold", "plan", "dense_plan", "reservoir_plan",
+           "hypergeometric", "beta", "scan", "central_sums", "abs_histogram", "uniform", "seed_state"]
 
 # Reassociation lets the reductions vectorize; no "nnan"/"ninf": a NaN or Inf must
 # reach the sum, which is how the caller detects a batch holding one.
@@ -210,8 +212,52 @@ def dense_plan(state: np.ndarray, k: int, n: int, new: int) -> tuple[np.ndarray,
     return _distinct(state, new, n), _distinct(state, new, k)
 
 
+@njit(cache=True)
+def hypergeometric(state: np.ndarray, good: int, bad: int, draws: int) -> int:
+    """How many of ``draws`` values drawn without replacement from good + bad are good.
+
+    The urn emptied one draw at a time: exact, O(draws), and no population limit.
+    """
+    taken = 0
+    for i in range(draws):
+        if uniform(state) * (good + bad - i) < good - taken:
+            taken += 1
+    return taken
+
+
+@njit(cache=True)
+def _gamma(state: np.ndarray, a: float) -> float:
+    # Marsaglia and Tsang (2000), shape a >= 1; normals by Box-Muller.
+    d = a - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    while True:
+        x = math.sqrt(-2.0 * math.log(uniform(state))) * math.cos(2.0 * math.pi * uniform(state))
+        v = (1.0 + c * x) ** 3
+        if v > 0 and math.log(uniform(state)) < 0.5 * x * x + d - d * v + d * math.log(v):
+            return d * v
+
+
+@njit(cache=True)
+def beta(state: np.ndarray, a: int, b: int) -> float:
+    """A Beta(a, b) draw for integer a, b >= 1: the a-th smallest of a + b - 1 uniforms."""
+    if b == 1:  # the largest of a uniforms
+        return math.exp(math.log(uniform(state)) / a)
+    x = _gamma(state, a)
+    return x / (x + _gamma(state, b))
+
+
 # The running state of a stream, one float64 array (counts are exact below 2**53).
 COUNT, MEAN, M2, M3, M4, MIN, MAX, ZEROS, SEEN, W, NXT, PENDING = range(12)
+
+
+def seed_state(seed: Sequence[int]) -> np.ndarray:
+    """The state of :func:`uniform`'s generator for a seed (a sequence of integers): one hash.
+
+    >>> seed_state([0, 1]).dtype, bool(seed_state([0, 1]) == seed_state([0, 2]))
+    (dtype('uint64'), False)
+    """
+    digest = hashlib.blake2b(np.asarray(seed, np.int64).tobytes(), digest_size=8).digest()
+    return np.frombuffer(digest, np.uint64).copy()
 
 
 def new_state() -> np.ndarray:
@@ -222,6 +268,37 @@ def new_state() -> np.ndarray:
     acc = np.zeros(12)
     acc[MIN], acc[MAX], acc[NXT] = np.inf, -np.inf, -1
     return acc
+
+
+@njit(cache=True)
+def plan(state: np.ndarray, acc: np.ndarray, k: int, n: int, sparse: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which of ``n`` new values enter a stream's sample of ``k``, and the slots they take; advances SEEN.
+
+    The first k values fill the sample; after that it stays a uniform sample of all
+    values seen, by one of two exact methods, whichever is cheaper for the batch:
+    when fewer than ``sparse`` values are expected to enter, Algorithm L draws the gaps
+    between them (its state, the k-th smallest of the values' keys, is independent of
+    which values are in the sample, so it can start at any batch with a draw from its
+    distribution); otherwise how many of the k come from the batch is hypergeometric,
+    and they are drawn uniformly and replace uniformly chosen old ones.
+    """
+    seen = int(acc[SEEN])
+    acc[SEEN] = seen + n
+    fill = min(n, max(0, k - seen))
+    head = np.arange(fill)
+    seen, rest = seen + fill, n - fill
+    if rest == 0 or k == 0:
+        return head, head + (seen - fill)
+    if k * rest < sparse * (seen + rest):
+        if acc[NXT] < 0:
+            acc[W] = beta(state, k, seen - k + 1)
+        pos, slots, acc[W], acc[NXT] = reservoir_plan(state, k, seen, rest, acc[W], int(acc[NXT]))
+    else:
+        acc[NXT] = -1  # many enter: Algorithm L restarts later
+        pos, slots = dense_plan(state, k, rest, hypergeometric(state, rest, seen, k))
+    if fill == 0:
+        return pos, slots
+    return np.concatenate((head, pos + fill)), np.concatenate((head + (seen - fill), slots))
 
 
 @njit(cache=True)
@@ -253,11 +330,10 @@ def update(a: np.ndarray, part: np.ndarray, hist: np.ndarray, acc: np.ndarray, s
     """Merge a float32 batch into a stream: statistics, histogram and, once it runs sparse, the sample.
 
     Two passes: power sums, zeros and extremes; histogram (into the partials ``part``,
-    which spill into ``hist`` before an int32 count could overflow). Then, if Algorithm L
-    is running (``acc[NXT] >= 0``) and fewer than ``sparse`` values are expected to
-    enter, the values that enter are written into ``sample`` (size k) and ``acc[SEEN]``
-    advances. Returns 0 when done, 1 when the caller must sample the batch (and
-    advance SEEN), -1 for a batch holding NaN or Inf, which changes nothing.
+    which spill into ``hist`` before an int32 count could overflow). Then the values
+    that enter the sample (size k, of which the first min(SEEN, k) are filled) are
+    written there, by :func:`plan`, or, while Algorithm L runs sparse, by its loop in
+    place. Returns 0, or -1 for a batch holding NaN or Inf, which changes nothing.
     """
     n = a.size
     if n == 0:
@@ -284,11 +360,11 @@ def update(a: np.ndarray, part: np.ndarray, hist: np.ndarray, acc: np.ndarray, s
     acc[PENDING] += n
     merge(acc, n, mean, m2, m3, m4, np.float64(_from_key(lo)), np.float64(_from_key(hi)), z)
     seen = int(acc[SEEN])
-    if k == 0:
-        acc[SEEN] = seen + n
-        return 0
     if acc[NXT] < 0 or k * n >= sparse * (seen + n):
-        return 1
+        pos, slots = plan(state, acc, k, n, sparse)
+        for j in range(pos.size):
+            sample[slots[j]] = a[pos[j]]
+        return 0
     nxt, w = int(acc[NXT]), acc[W]
     while nxt < seen + n:  # reservoir_plan's loop, applied in place (later draws overwrite earlier ones)
         i = nxt - seen

@@ -29,17 +29,15 @@ from .stats_kernels import (
     MAX,
     MEAN,
     MIN,
-    NXT,
     PENDING,
     SEEN,
     ZEROS,
-    W,
-    dense_plan,
     fold,
     merge,
     new_partials,
     new_state,
-    reservoir_plan,
+    plan,
+    seed_state,
     update,
 )
 
@@ -55,7 +53,6 @@ STAT_COLUMNS = (
 _SHIFT = 20
 _NBINS = 255 << 3
 _EDGES = (np.arange(_NBINS + 1, dtype=np.uint32) << _SHIFT).view(np.float32).astype(np.float64)
-_HUGE = 10**9  # numpy's hypergeometric sampler refuses populations from here on
 _SPARSE = 512  # Algorithm L samples a batch when fewer of its values than this are expected to enter
 _DIRECT = 1 << 16  # batches of at least this many values are merged at once, smaller ones pooled
 
@@ -75,20 +72,19 @@ def hist_edges() -> np.ndarray:
 class StreamStats:
     """Running statistics of one (layer, kind, quantized, step), merged batch by batch."""
 
-    __slots__ = ("acc", "nan", "inf", "hist", "part", "sample", "k", "seed", "rng", "lstate", "buf", "buf_n", "buf_cap")
+    __slots__ = ("acc", "nan", "inf", "hist", "part", "reservoir", "k", "seed", "lstate", "buf", "buf_n", "buf_cap")
 
     def __init__(self, sample_size: int, seed: Sequence[int]) -> None:
         self.acc = new_state()  # count, moments, extremes, zeros, values sampled, Algorithm L's state
         self.nan = self.inf = 0
         self.hist = np.zeros(2048, np.int64)  # counts per bin code, zeros included, whatever the device
         self.part: np.ndarray | None = None  # the CPU kernels' partial histograms, while the stream is open
-        self.sample = np.zeros(0, np.float32)  # the first k values, then a uniform sample of k
+        self.reservoir = np.zeros(sample_size, np.float32)  # the first k values, then a uniform sample of k
         self.buf: Tensor | None = None  # pooled small batches, (buf_cap,) with buf_cap <= _DIRECT
         self.buf_n = self.buf_cap = 0
         self.k = sample_size
         self.seed = list(seed)
-        self.rng: np.random.Generator | None = None  # made when the sample first overflows: cheap streams
-        self.lstate = np.zeros(1, np.uint64)  # Algorithm L's generator, seeded from rng
+        self.lstate = seed_state(self.seed)  # the sampler's generator
 
     count = property(lambda self: int(self.acc[COUNT]))
     zeros = property(lambda self: int(self.acc[ZEROS]))
@@ -96,6 +92,11 @@ class StreamStats:
     min = property(lambda self: float(self.acc[MIN]))
     max = property(lambda self: float(self.acc[MAX]))
     mean = property(lambda self: float(self.acc[MEAN]))
+
+    @property
+    def sample(self) -> np.ndarray:
+        """The reservoir sample: the first k values seen, then a uniform sample of k of them."""
+        return self.reservoir[:min(self.seen, self.k)]
 
     def add(self, x: Tensor, pool: bool = True) -> None:
         """Merge a batch in; on an accelerator small ones are pooled in a buffer and merged together."""
@@ -107,9 +108,10 @@ class StreamStats:
             a = (x.numpy(force=True) if x.dtype is torch.float32 else x.detach().float().numpy()).reshape(-1)
             if self.part is None:
                 self.part = new_partials()
-            done = update(a, self.part, self.hist, self.acc, self.sample, self.lstate, self.k, _SPARSE)
-            if done:
-                self._finish_cpu(torch.from_numpy(a), done)
+            if update(a, self.part, self.hist, self.acc, self.reservoir, self.lstate, self.k, _SPARSE):
+                # A batch holding NaN/Inf, refused untouched: merged again without them.
+                a = self._drop_nonfinite(torch.from_numpy(a)).numpy()
+                update(a, self.part, self.hist, self.acc, self.reservoir, self.lstate, self.k, _SPARSE)
             return
         x = x.detach()  # every op below then runs without autograd (cheaper than no_grad())
         n = x.numel()
@@ -143,15 +145,6 @@ class StreamStats:
         self._fold()
         if release:
             self.buf, self.buf_cap, self.part = None, 0, None
-
-    def _finish_cpu(self, x: Tensor, done: int) -> None:
-        # What the compiled update left: a batch holding NaN/Inf (done < 0), merged again
-        # without them, or a sample to draw in Python (done > 0).
-        if done < 0:
-            x = self._drop_nonfinite(x)
-            done = update(x.numpy(), self.part, self.hist, self.acc, self.sample, self.lstate, self.k, _SPARSE)
-        if done > 0:
-            self._sample(x, x.numel())
 
     def _update(self, x: Tensor) -> None:
         """Merge one flat float32 batch with tensor ops (data on an accelerator)."""
@@ -187,42 +180,10 @@ class StreamStats:
         return x[finite]
 
     def _sample(self, x: Tensor, n: int) -> None:
-        # The first k values fill the sample; after that it stays a uniform sample of all
-        # values seen, by one of two exact methods, whichever is cheaper for the batch.
-        k, seen, acc = self.k, self.seen, self.acc
-        acc[SEEN] = seen + n
-        if not k:
-            return
-        fill = min(n, max(0, k - seen))
-        if fill:
-            self.sample = np.concatenate([self.sample, x[:fill].cpu().numpy()])
-        seen, n = seen + fill, n - fill
-        if n == 0:
-            return
-        if self.rng is None:
-            self.rng = np.random.default_rng(self.seed)
-            self.lstate = self.rng.integers(2**63, size=1, dtype=np.uint64)
-        rng = self.rng
-        if k * n < _SPARSE * (seen + n):
-            # Few values enter: draw the gaps between them (Algorithm L). Its state, the
-            # k-th smallest of the keys so far, is independent of which values are in
-            # the sample, so it can start here with a fresh draw from its distribution.
-            if acc[NXT] < 0:
-                acc[W] = rng.beta(k, seen - k + 1)
-            pos, slots, acc[W], acc[NXT] = reservoir_plan(self.lstate, k, seen, n, acc[W], int(acc[NXT]))
-        else:
-            acc[NXT] = -1  # many enter: Algorithm L restarts later
-            # How many of the k come from the new data is hypergeometric; they are drawn
-            # uniformly and replace uniformly chosen old ones.
-            if seen < _HUGE and n < _HUGE:
-                new = k - int(rng.hypergeometric(seen, n, k))
-            else:  # populations this large make the binomial indistinguishable
-                new = int(rng.binomial(k, n / (seen + n)))
-            pos, slots = dense_plan(self.lstate, k, n, new)
-        if x.is_cpu:
-            self.sample[slots] = x.numpy()[pos + fill]
-        elif len(pos):
-            self.sample[slots] = x[torch.from_numpy(pos + fill).to(x.device)].cpu().numpy()
+        # The same plan as the compiled update's, applied with tensor indexing.
+        pos, slots = plan(self.lstate, self.acc, self.k, n, _SPARSE)
+        if len(pos):
+            self.reservoir[slots] = x[torch.from_numpy(pos).to(x.device)].cpu().numpy()
 
     def _fold(self) -> None:
         if self.part is not None and self.acc[PENDING]:
@@ -265,7 +226,9 @@ class StreamStats:
         s.nan, s.inf = st["nan"], st["inf"]
         s.hist[st["hist_lo"]:st["hist_lo"] + len(st["hist"])] = st["hist"].numpy()
         s.hist[0] += s.zeros
-        s.sample = st["sample"].numpy().copy()
+        sample = st["sample"].numpy()
+        s.reservoir = np.zeros(max(s.k, len(sample)), np.float32)
+        s.reservoir[:len(sample)] = sample
         return s
 
 

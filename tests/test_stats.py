@@ -552,6 +552,40 @@ def test_dense_plan_draws_uniform_distinct_subsets():
     assert len(set(huge.tolist())) == 5 and huge.max() < 1 << 23
 
 
+def test_sample_size_zero_keeps_statistics_and_no_sample(batches):
+    model = nn.Sequential(nn.Linear(8, 4))
+    with record(model, sample_size=0) as rec:
+        for x in batches:
+            model(x).sum().backward()
+    assert len(rec.sample("0", "activation")) == 0
+    frame = rec.to_frame().set_index("kind")
+    assert frame.loc["activation", "count"] == sum(x.numel() for x in batches)
+
+
+def test_hypergeometric_and_beta_draws_match_their_distributions():
+    """The sampler's own variates (seeded per stream, no NumPy generator) against scipy-free exact moments."""
+    from bitwidth.stats_kernels import beta, hypergeometric, seed_state
+
+    state = seed_state([11])
+    draws = np.array([hypergeometric(state, 30, 70, 20) for _ in range(20_000)])
+    # Exact pmf of the hypergeometric (30 good, 70 bad, 20 draws), chi-square over its bulk.
+    from math import comb
+
+    pmf = np.array([comb(30, j) * comb(70, 20 - j) / comb(100, 20) for j in range(21)])
+    seen = np.bincount(draws, minlength=21)
+    bulk = pmf * 20_000 >= 5
+    expected = pmf[bulk] * 20_000
+    chi2 = ((seen[bulk] - expected) ** 2 / expected).sum()
+    assert chi2 < 2 * bulk.sum() + 20, (seen, expected)
+    assert hypergeometric(state, 5, 0, 5) == 5 and hypergeometric(state, 0, 9, 4) == 0
+    for a, b in ((4, 1), (4, 9), (100, 3000)):  # b == 1 by the closed form, the rest by gammas
+        x = np.array([beta(state, a, b) for _ in range(20_000)])
+        mean, var = a / (a + b), a * b / ((a + b) ** 2 * (a + b + 1))
+        assert abs(x.mean() - mean) < 4 * np.sqrt(var / 20_000), (a, b)
+        assert x.var() == pytest.approx(var, rel=0.06), (a, b)
+        assert 0 < x.min() and x.max() < 1
+
+
 @pytest.mark.parametrize("sizes", [[2500] * 400, [50_000, 300, 300, 200_000, 100, 7, 250_000, 2000, 40, 197_253]],
                          ids=["many-small", "mixed"])
 def test_reservoir_stays_uniform_across_both_sampling_methods(sizes):
