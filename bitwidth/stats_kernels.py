@@ -194,16 +194,33 @@ def _distinct(state: np.ndarray, m: int, n: int) -> np.ndarray:
             taken[t] = True
             out[i] = t
         return out
-    seen = {0}  # a hash set for huge batches (typed by its first element, removed at once)
-    seen.clear()
+    # Huge batches: an open-addressing hash set of at least 2m slots (a typed set would
+    # cost a second of compile time on every machine).
+    size = 2
+    while size < 2 * m:
+        size *= 2
+    table = np.full(size, -1, np.int64)
     for i in range(m):
         j = n - m + i
         t = int(uniform(state) * (j + 1))
-        if t in seen:
+        if not _insert(table, t):
+            _insert(table, j)  # Floyd: j itself is never in the set yet
             t = j
-        seen.add(t)
         out[i] = t
     return out
+
+
+@njit(cache=True)
+def _insert(table: np.ndarray, v: int) -> bool:
+    """Add v >= 0 to a linear-probing hash set; False when it was there already."""
+    mask = table.size - 1
+    h = np.int64((np.uint64(v) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(20)) & mask  # Fibonacci hashing
+    while table[h] >= 0:
+        if table[h] == v:
+            return False
+        h = (h + 1) & mask
+    table[h] = v
+    return True
 
 
 @njit(cache=True)
