@@ -333,8 +333,9 @@ def record(
     (rows with ``quantized=True``); the raw ones are always recorded.
 
     Memory per (layer, kind[, step]): a 16 KB histogram and ``sample_size`` floats, plus,
-    for data on an accelerator, in the open snapshot, a buffer of up to 256 KB that pools
-    batches under 65536 values. CPU data is merged at once by compiled kernels.
+    while its snapshot is open, 33 KB of partial histograms (CPU data, merged at once by
+    compiled kernels) or, for data on an accelerator, a buffer of up to 256 KB that pools
+    batches under 65536 values.
 
     >>> import torch.nn as nn
     >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
