@@ -1,11 +1,14 @@
-"""Compiled one-pass kernels behind the streaming statistics on CPU (numba).
+"""Compiled kernels behind the streaming statistics on CPU (numba), and the reservoir sampler.
 
 Each statistic would cost PyTorch several passes over the data (a temporary per
 power, an extra pass for the bin codes, a branchy ``bincount``); on a small model
 that is as much compute as the model's own step. These loops do the same work in
-two passes, accumulating in float64. They are pure functions of NumPy
-arrays and are checked against NumPy in the tests. ``cache=True`` keeps the compiled
-code on disk, so only the first use on a machine pays the compile (a few seconds).
+two passes, accumulating in float64, and draw the reservoir sample in the same call,
+from a splitmix64 generator per stream (no NumPy generator: deterministic for a seed,
+and the same plan serves the tensor-op path on accelerators). They are pure functions
+of NumPy arrays, checked against NumPy and against their distributions in the tests.
+``cache=True`` keeps the compiled code on disk, so only the first use on a machine
+pays the compile (about 6 s).
 
 >>> import numpy as np
 >>> x = np.array([0.0, 1.0, -2.0, 4.0], dtype=np.float32)
