@@ -49,6 +49,9 @@ def main() -> None:
         "torch fake_quant int8": lambda: torch.fake_quantize_per_tensor_affine(x, 0.03, 0, -128, 127),
         "int8": lambda: F.quantize_int(x, 0.03, 0, -128, 127),
         "int8 stochastic": lambda: F.quantize_int(x, 0.03, 0, -128, 127, rounding="stochastic"),
+        "e4m3 stochastic": lambda: F.quantize_float(x, 4, 3, max_value=448.0, rounding="stochastic"),
+        # What drawing the noise as a tensor costs alone (the eager path, under 2^22 elements).
+        "torch.rand (noise alone)": lambda: torch.rand(x.shape, device=x.device),
         "fixed16_8": lambda: F.quantize_fixed(x, 16, 8),
         "e4m3": lambda: F.quantize_float(x, 4, 3, max_value=448.0),
         "e5m2": lambda: F.quantize_float(x, 5, 2),
@@ -58,6 +61,7 @@ def main() -> None:
         "int8": lambda: F.quantize_int(xg, 0.03, 0, -128, 127).backward(grad),
         "fixed16_8": lambda: F.quantize_fixed(xg, 16, 8).backward(grad),
         "e4m3": lambda: F.quantize_float(xg, 4, 3, max_value=448.0).backward(grad),
+        "int8 stochastic": lambda: F.quantize_int(xg, 0.03, 0, -128, 127, rounding="stochastic").backward(grad),
     }
     print(f"device={args.device} threads={torch.get_num_threads()} n=2^{args.log2n} torch={torch.__version__}")
     limit = best_time(forward["clamp (limit)"], args.repeat)

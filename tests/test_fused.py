@@ -21,6 +21,11 @@ CASES = {
     "fixed12_6": lambda x: F.quantize_fixed(x, 12, 6),
     "e4m3": lambda x: F.quantize_float(x, 4, 3, max_value=448.0),
     "e5m2_nosub": lambda x: F.quantize_float(x, 5, 2, subnormals=False),
+    # The noise is hashed from one seed inside the kernel: the same seed, the same values.
+    "int8_stochastic": lambda x: F.quantize_int(x, 0.02, 3, -128, 127, rounding="stochastic",
+                                                generator=torch.Generator().manual_seed(5)),
+    "e4m3_stochastic": lambda x: F.quantize_float(x, 4, 3, rounding="stochastic",
+                                                  generator=torch.Generator().manual_seed(5)),
 }
 
 
@@ -36,3 +41,16 @@ def test_fused_equals_eager_forward_and_backward(case, monkeypatch):
     monkeypatch.setitem(F._fuse, "enabled", False)
     y_ref, gx_ref = value_and_grad(fn, x, g)
     assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
+
+
+def test_fused_stochastic_rounding_is_unbiased_and_varies_per_call():
+    """In-kernel noise: each element rounds up with probability frac, independently, new per call."""
+    x = torch.full((N,), 1.3)
+    g = torch.Generator().manual_seed(0)
+    y1, y2 = (F.quantize_fixed(x, 8, 2, rounding="stochastic", generator=g) for _ in range(2))
+    assert sorted(y1.unique().tolist()) == [1.25, 1.5]
+    up = (y1 == 1.5).double()
+    assert abs(up.mean().item() - 0.2) < 4 * (0.2 * 0.8 / N) ** 0.5  # P(up) = frac = 0.2
+    # Neighbours are independent (a hash of the index, not a sequence with short-range structure).
+    assert abs(torch.corrcoef(torch.stack([up[:-1], up[1:]]))[0, 1].item()) < 4 / N**0.5
+    assert not torch.equal(y1, y2) and abs((y2 == 1.5).double().mean().item() - 0.2) < 4 * (0.16 / N) ** 0.5
