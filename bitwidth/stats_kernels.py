@@ -304,6 +304,8 @@ def plan(state: np.ndarray, acc: np.ndarray, k: int, n: int, sparse: int) -> tup
     """
     seen = int(acc[SEEN])
     acc[SEEN] = seen + n
+    if seen == 0 and n > k > 0:  # a stream's first batch overfills: k of its n directly
+        return _distinct(state, k, n), np.arange(k)
     fill = min(n, max(0, k - seen))
     head = np.arange(fill)
     seen, rest = seen + fill, n - fill

@@ -79,7 +79,7 @@ class StreamStats:
         self.nan = self.inf = 0
         self.hist = np.zeros(2048, np.int64)  # counts per bin code, zeros included, whatever the device
         self.part: np.ndarray | None = None  # the CPU kernels' partial histograms, while the stream is open
-        self.reservoir = np.zeros(sample_size, np.float32)  # the first k values, then a uniform sample of k
+        self.reservoir = np.empty(sample_size, np.float32)  # the first k values, then a uniform sample of k
         self.buf: Tensor | None = None  # pooled small batches, (buf_cap,) with buf_cap <= _DIRECT
         self.buf_n = self.buf_cap = 0
         self.k = sample_size
