@@ -6,7 +6,7 @@ processes hits both alike; each figure is the median over blocks, in wall time a
 process CPU time (the CPU figure is the steadier one on a shared machine). An "on"
 block is one whole ``with record(...)`` (entry, steps, exit), so the exit work counts.
 
-    python benchmarks/bench_record.py [--steps 5] [--repeats 5] [--threads N] [--models digits resnet18]
+    python benchmarks/bench_record.py [--steps 5] [--repeats 5] [--threads N] [--models digits resnet18] [--device cuda]
 
 The digits blocks run 40x the steps (its steps are ~1000x shorter).
 """
@@ -35,8 +35,14 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[]
     return step
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def block(step: Callable[[], None], steps: int, model: nn.Module | None, every: int | None) -> tuple[float, float]:
     """Seconds per step (wall, CPU) for one block; recording when ``model`` is given."""
+    sync()
     t, c = time.perf_counter(), time.process_time()
     if model is None:
         for _ in range(steps):
@@ -46,6 +52,7 @@ def block(step: Callable[[], None], steps: int, model: nn.Module | None, every: 
             for _ in range(steps):
                 step()
                 rec.step()
+    sync()
     return (time.perf_counter() - t) / steps, (time.process_time() - c) / steps
 
 
@@ -71,17 +78,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="off/on block pairs")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--models", nargs="+", choices=("digits", "resnet18"), default=("digits", "resnet18"))
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: the tensor-op path with pooling")
     args = parser.parse_args()
+    dev = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {dev}")
     torch.manual_seed(0)
     if "digits" in args.models:
         xt, yt, _, _ = load_digits_split()
-        bench("digits_cnn  batch 32  1x8x8", digits_cnn(), xt[:32], yt[:32], args.steps * 40, args.repeats)
+        bench("digits_cnn  batch 32  1x8x8", digits_cnn().to(dev), xt[:32].to(dev), yt[:32].to(dev), args.steps * 40,
+              args.repeats)
     if "resnet18" in args.models:
-        resnet = torchvision.models.resnet18(num_classes=10)
-        x, y = torch.randn(32, 3, 64, 64), torch.randint(0, 10, (32,))
+        resnet = torchvision.models.resnet18(num_classes=10).to(dev)
+        x, y = torch.randn(32, 3, 64, 64, device=dev), torch.randint(0, 10, (32,), device=dev)
         bench("resnet18    batch 32  3x64x64", resnet, x, y, args.steps, args.repeats)
 
 

@@ -54,3 +54,22 @@ def test_fused_stochastic_rounding_is_unbiased_and_varies_per_call():
     # Neighbours are independent (a hash of the index, not a sequence with short-range structure).
     assert abs(torch.corrcoef(torch.stack([up[:-1], up[1:]]))[0, 1].item()) < 4 / N**0.5
     assert not torch.equal(y1, y2) and abs((y2 == 1.5).double().mean().item() - 0.2) < 4 * (0.16 / N) ** 0.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", ["int8", "e4m3", "int8_stochastic", "e4m3_stochastic"])
+def test_fused_equals_eager_on_cuda(case, monkeypatch):
+    fn = CASES[case]
+    if "stochastic" in case:  # the generator must live on the data's device
+        fn = {"int8_stochastic": lambda x: F.quantize_int(x, 0.02, 3, -128, 127, rounding="stochastic",
+                                                          generator=torch.Generator("cuda").manual_seed(5)),
+              "e4m3_stochastic": lambda x: F.quantize_float(x, 4, 3, rounding="stochastic",
+                                                            generator=torch.Generator("cuda").manual_seed(5))}[case]
+    torch.manual_seed(0)
+    x = (torch.randn(N, device="cuda") * torch.exp2(torch.randint(-12, 6, (N,), device="cuda").float()))
+    x.requires_grad_()
+    g = torch.randn(N, device="cuda")
+    y, gx = value_and_grad(fn, x, g)
+    monkeypatch.setitem(F._fuse, "enabled", False)
+    y_ref, gx_ref = value_and_grad(fn, x, g)
+    assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)

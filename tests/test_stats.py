@@ -636,3 +636,30 @@ def test_tensor_op_path_matches_the_compiled_kernels(monkeypatch, batches):
     monkeypatch.setattr(stats_stream, "_DIRECT", 1)  # no pooling: the same batches, so the same sample
     ops = run()
     assert torch.equal(kernels.sample("0", "activation"), ops.sample("0", "activation"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_recording_on_cuda_matches_the_cpu_kernels(batches):
+    """The tensor-op path, pooling included, on a real accelerator against the CPU kernels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+
+    def run(device: str) -> Recorder:
+        m = copy.deepcopy(model).to(device)
+        with record(m, sample_size=256) as rec:
+            for x in batches:
+                m(x.to(device)).sum().backward()
+        return rec
+
+    cpu, cuda = run("cpu"), run("cuda")
+    a, b = cpu.to_frame(), cuda.to_frame()
+    # The first layer's input is the same data on both: every figure agrees.
+    first = (a["layer"] == "0") & (a["kind"] != "gradient")
+    exact = ["count", "min", "max", "absmax", "zero_frac", "nan_count", "inf_count", "p99", "p999", "p9999"]
+    pd.testing.assert_frame_equal(a.loc[first, exact], b.loc[first, exact])
+    for col in ("mean", "std", "kurtosis"):
+        assert np.allclose(a.loc[first, col], b.loc[first, col], rtol=1e-6)
+    # Later tensors come from different matmul kernels: equal to float tolerance.
+    for col in ("count", "absmax", "mean", "std"):
+        assert np.allclose(a[col], b[col], rtol=1e-3, atol=1e-6), col
+    assert all(len(cuda.sample(r.layer, r.kind)) == min(256, r.count) for r in b.itertuples())
