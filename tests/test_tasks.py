@@ -205,3 +205,31 @@ def test_imagefolder(tmp_path):
     x, y = next(iter(task.val_batches()))
     assert x.shape == (3, 3, 6, 6) and sorted(y.tolist()) == [0, 1, 2]
     assert task.build_model(0)(x).shape == (3, 3)
+
+
+def test_cifar10_from_a_local_root(tmp_path, monkeypatch):
+    """torchvision's CIFAR-10 layout (pickled batches); only its md5 checks are waived for the fake files."""
+    import torchvision.datasets.cifar as cifar
+
+    monkeypatch.setattr(cifar.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    # The first image is pure red: channel 0 at 255, the others 0 (data is (N, 3*32*32), channel-major).
+    for name, n in [(f"data_batch_{i}", 3) for i in range(1, 6)] + [("test_batch", 4)]:
+        data = torch.randint(0, 256, (n, 3 * 32 * 32), generator=gen, dtype=torch.uint8)
+        data[0] = torch.cat([torch.full((1024,), 255), torch.zeros(2048)]).to(torch.uint8)
+        with open(base / name, "wb") as f:
+            pickle.dump({"data": data.numpy(), "labels": [i % 10 for i in range(n)]}, f)
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+    task = make_task("torchvision:resnet18", "cifar10", root=str(tmp_path), train_size=12, batch_size=4)
+    assert task.fingerprint()["n_train"] == 12 and task.fingerprint()["n_val"] == 4
+    x, y = next(iter(task.val_batches()))
+    assert x.shape == (4, 3, 32, 32) and y.tolist() == [0, 1, 2, 3]
+    # Normalised per channel with CIFAR-10's mean and std: red is (1 - 0.4914) / 0.2470 in channel 0 only.
+    assert x[0, 0].allclose(torch.tensor((1 - 0.4914) / 0.2470)) and x[0, 1].allclose(torch.tensor(-0.4822 / 0.2435))
+    assert task.build_model(0)(x).shape == (4, 10)
+    resized = make_task("digits_cnn", "cifar10", root=str(tmp_path), resize=16, val_size=2)
+    assert next(iter(resized.val_batches()))[0].shape[1:] == (3, 16, 16)
