@@ -8,7 +8,7 @@ from a splitmix64 generator per stream (no NumPy generator: deterministic for a 
 and the same plan serves the tensor-op path on accelerators). They are pure functions
 of NumPy arrays, checked against NumPy and against their distributions in the tests.
 ``cache=True`` keeps the compiled code on disk, so only the first use on a machine
-pays the compile (about 6 s).
+pays the compile (6-8 s).
 
 >>> import numpy as np
 >>> x = np.array([0.0, 1.0, -2.0, 4.0], dtype=np.float32)
