@@ -5,6 +5,7 @@ resnet18 (batch 32, 3x64x64). Off and on blocks alternate so that load from othe
 processes hits both alike; each figure is the median over blocks, in wall time and in
 process CPU time (the CPU figure is the steadier one on a shared machine). An "on"
 block is one whole ``with record(...)`` (entry, steps, exit), so the exit work counts.
+The ratio is the median over adjacent (off, on) pairs, the times the medians over blocks.
 
     python benchmarks/bench_record.py [--steps 5] [--repeats 5] [--threads N] [--models digits resnet18] [--device cuda]
 
@@ -63,13 +64,18 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: 
     for label, every in (("record()", None), ("record(every=1), step() each batch", 1)):
         block(step, 2, model, every)  # warm-up
         off, on = [], []
-        for _ in range(repeats):
-            off.append(block(step, steps, None, None))
-            on.append(block(step, steps, model, every))
+        for i in range(repeats):
+            # Adjacent blocks form a pair, in alternating order: the ratio is taken per pair,
+            # so a machine whose speed drifts (shared cores) shifts both halves alike.
+            for recording in (False, True) if i % 2 == 0 else (True, False):
+                if recording:
+                    on.append(block(step, steps, model, every))
+                else:
+                    off.append(block(step, steps, None, None))
+        wall, cpu = ([statistics.median(b[k] / a[k] for a, b in zip(off, on, strict=True))] for k in (0, 1))
         w_off, w_on = (statistics.median(t[0] for t in ts) for ts in (off, on))
-        c_off, c_on = (statistics.median(t[1] for t in ts) for ts in (off, on))
         print(f"{name:34s} {label:36s} off {w_off * 1e3:8.2f} ms  on {w_on * 1e3:8.2f} ms  "
-              f"ratio {w_on / w_off:5.2f}x wall  {c_on / c_off:5.2f}x cpu")
+              f"ratio {wall[0]:5.2f}x wall  {cpu[0]:5.2f}x cpu")
 
 
 def main() -> None:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import weakref
 import zlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -79,7 +81,7 @@ class Recorder:
         self._current: dict[tuple[str, str, bool], StreamStats] = {}  # the open snapshot's streams
         self._pending: dict[tuple[str, bool], Any] = {}  # weights to summarize at snapshot close
         self._handles: list[Any] = []
-        self._grad_handles: list[Any] = []
+        self._grad_hooks: list[weakref.ref[OrderedDict]] = []  # the hook dicts of the outputs hooked
         self._taps: list[tuple[nn.Module, Any]] = []
         self._open = False
 
@@ -118,13 +120,17 @@ class Recorder:
                 st.flush(release=True)
         finally:
             self._open = False
-            for h in self._handles + self._grad_handles:
+            for h in self._handles:
                 h.remove()
+            for ref in self._grad_hooks:  # graphs still alive: their hooks must not hold us
+                hooks = ref()
+                if hooks is not None:
+                    hooks.pop(id(self), None)
             for m, tap in self._taps:
                 taps = getattr(getattr(m, "_bw", None), "taps", [])
                 if tap in taps:
                     taps.remove(tap)
-            self._handles, self._grad_handles, self._taps = [], [], []
+            self._handles, self._grad_hooks, self._taps = [], [], []
 
     def step(self) -> None:
         """Close the current step (summarizing its weights) and start the next one.
@@ -160,19 +166,24 @@ class Recorder:
         if "weight" in kinds:
             self._pending[(name, False)] = module
         if "gradient" in kinds and isinstance(output, Tensor) and output.grad_fn is not None:
-            # A pre-hook on the node that made the output: it receives the gradient w.r.t.
-            # the output as the layer produced it, even when an in-place op follows
-            # (torchvision's ReLU(inplace=True)), which breaks module backward hooks. It
-            # is cheaper to register than a tensor hook, and is registered every forward.
-            hook = partial(self._on_grad, name, self._snap, output.output_nr)
-            self._grad_handles.append(output.grad_fn.register_prehook(hook))
-            if len(self._grad_handles) > 8 * len(self._modules) + 64:
-                # Handles of graphs already freed are dead; dropping them bounds memory.
-                self._grad_handles = [h for h in self._grad_handles if h.hooks_dict_ref() is not None]
+            # A tensor hook, as Tensor.register_hook makes one but without its handle object
+            # (this runs for every layer on every forward): a dict of hooks on the node that
+            # made the output. It receives the gradient w.r.t. the output as the layer
+            # produced it, even when an in-place op follows (torchvision's ReLU(inplace=True)),
+            # which breaks module backward hooks.
+            hooks = output._backward_hooks  # an OrderedDict (weakly referable) once hooked
+            if hooks is None:
+                hooks = output._backward_hooks = OrderedDict()
+                output.grad_fn._register_hook_dict(output)
+            hooks[id(self)] = partial(self._on_grad, name, self._snap)
+            self._grad_hooks.append(weakref.ref(hooks))
+            if len(self._grad_hooks) > 8 * len(self._modules) + 64:
+                # Hook dicts of graphs already freed are dead; dropping them bounds memory.
+                self._grad_hooks = [r for r in self._grad_hooks if r() is not None]
 
-    def _on_grad(self, name: str, step: int, nr: int, grads: tuple[Tensor | None, ...]) -> None:
-        if self._open and grads[nr] is not None:
-            self._add(name, "gradient", False, grads[nr], step)
+    def _on_grad(self, name: str, step: int, grad: Tensor | None) -> None:
+        if self._open and grad is not None:
+            self._add(name, "gradient", False, grad, step)
 
     def _on_tap(self, name: str, kind: str, tensor: Tensor) -> None:
         if not (self._open and self._active and kind in self.kinds):

@@ -157,7 +157,7 @@ def test_memory_does_not_grow_with_batches(tmp_path):
         with record(model, sample_size=512) as rec:
             for _ in range(n):
                 model(torch.randn(64, 8, generator=g)).sum().backward()
-            assert len(rec._grad_handles) <= 8 * 2 + 64  # handles of freed graphs are dropped
+            assert len(rec._grad_hooks) <= 8 * 2 + 64  # hook dicts of freed graphs are dropped
             held.append(sum(getattr(s, a).nbytes for s in rec._streams.values() for a in ("acc", "hist", "part",
                                                                                           "reservoir")))
         assert len(rec.sample("0", "activation")) == 512
@@ -194,6 +194,21 @@ def test_gradient_is_taken_before_an_inplace_relu():
         model(x).square().sum().backward()
     assert torch.equal(rec.sample("0", "gradient").sort().values, ref.flatten().sort().values)
     check(row_of(rec.to_frame(), "0", "gradient"), reference(ref))
+
+
+def test_gradient_hooks_share_the_output_with_the_users_own():
+    """A tensor hook the user put on a layer's output keeps working, during and after recording."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    seen = []
+    model[0].register_forward_hook(lambda m, a, out: [out.register_hook(lambda g: seen.append(g.clone()))] and None)
+    x = torch.randn(5, 4)
+    with record(model, kinds="gradient") as rec:
+        out = model(x)
+        out.sum().backward(retain_graph=True)
+    assert len(seen) == 1 and row_of(rec.to_frame(), "0", "gradient")["count"] == 15
+    assert torch.equal(rec.sample("0", "gradient").sort().values, seen[0].flatten().sort().values)
+    out.sum().backward()  # after exit: the user's hook still fires, ours is gone
+    assert len(seen) == 2 and row_of(rec.to_frame(), "0", "gradient")["count"] == 15
 
 
 def test_resnet18_every_layer_and_kind():
