@@ -72,12 +72,16 @@ def hist_edges() -> np.ndarray:
 class StreamStats:
     """Running statistics of one (layer, kind, quantized, step), merged batch by batch."""
 
-    __slots__ = ("acc", "nan", "inf", "hist", "part", "reservoir", "k", "seed", "lstate", "buf", "buf_n", "buf_cap")
+    __slots__ = ("acc", "nan", "inf", "hist", "hist_lo", "hist0", "part", "reservoir", "k", "seed", "lstate",
+                 "buf", "buf_n", "buf_cap")
 
     def __init__(self, sample_size: int, seed: Sequence[int]) -> None:
         self.acc = new_state()  # count, moments, extremes, zeros, values sampled, Algorithm L's state
         self.nan = self.inf = 0
         self.hist = np.zeros(2048, np.int64)  # counts per bin code, zeros included, whatever the device
+        # A released stream keeps only the bins in use: hist becomes the range of nonzero
+        # bins from hist_lo >= 1, and bin 0 (zeros, tiniest subnormals) the count hist0.
+        self.hist_lo = self.hist0 = 0
         self.part: np.ndarray | None = None  # the CPU kernels' partial histograms, while the stream is open
         self.reservoir = np.empty(sample_size, np.float32)  # the first k values, then a uniform sample of k
         self.buf: Tensor | None = None  # pooled small batches, (buf_cap,) with buf_cap <= _DIRECT
@@ -107,6 +111,7 @@ class StreamStats:
             # and NumPy's reshape costs less than torch's.
             a = (x.numpy(force=True) if x.dtype is torch.float32 else x.detach().float().numpy()).reshape(-1)
             if self.part is None:
+                self._expand()
                 self.part = new_partials()
             if update(a, self.part, self.hist, self.acc, self.reservoir, self.lstate, self.k, _SPARSE):
                 # A batch holding NaN/Inf, refused untouched: merged again without them.
@@ -145,9 +150,32 @@ class StreamStats:
         self._fold()
         if release:
             self.buf, self.buf_cap, self.part = None, 0, None
+            self._compact()
+
+    def _compact(self) -> None:
+        # A closed snapshot's histogram spans a few dozen octaves at most: keep those bins.
+        if len(self.hist) == 2048:
+            nz = np.flatnonzero(self.hist[1:]) + 1
+            lo, hi = (int(nz[0]), int(nz[-1]) + 1) if nz.size else (1, 1)
+            self.hist0, self.hist, self.hist_lo = int(self.hist[0]), self.hist[lo:hi].copy(), lo
+
+    def _expand(self) -> None:
+        # A batch for a released stream (a gradient arriving after its step closed): the
+        # histogram gets back all its bins.
+        if len(self.hist) != 2048:
+            self.hist, self.hist0, self.hist_lo = self._full_hist(), 0, 0
+
+    def _full_hist(self) -> np.ndarray:
+        if len(self.hist) == 2048:
+            return self.hist
+        full = np.zeros(2048, np.int64)
+        full[0] = self.hist0
+        full[self.hist_lo:self.hist_lo + len(self.hist)] = self.hist
+        return full
 
     def _update(self, x: Tensor) -> None:
         """Merge one flat float32 batch with tensor ops (data on an accelerator)."""
+        self._expand()
         total = float(x.sum(dtype=torch.float64))
         if not math.isfinite(total):
             x = self._drop_nonfinite(x)
@@ -193,7 +221,7 @@ class StreamStats:
     def histogram(self) -> np.ndarray:
         """Counts of nonzero finite |x| per bin of :func:`hist_edges`."""
         self._fold()
-        h = self.hist[:_NBINS].copy()
+        h = self._full_hist()[:_NBINS].copy()
         h[0] -= self.zeros  # zeros share bin 0 with the tiniest subnormals
         return h
 

@@ -169,8 +169,8 @@ def test_memory_does_not_grow_with_batches(tmp_path):
         for _ in range(20):
             model(torch.randn(64, 8)).sum().backward()
             rec.step()
-            # Closed snapshots pool nothing and keep no partial histograms.
-            assert all(s.buf is None and s.part is None for s in rec._streams.values())
+            # Closed snapshots pool nothing, keep no partial histograms, and only the bins in use.
+            assert all(s.buf is None and s.part is None and len(s.hist) < 400 for s in rec._streams.values())
 
 
 def test_gradient_recorded_only_where_the_output_gradient_exists():
@@ -579,6 +579,25 @@ def test_sample_size_zero_keeps_statistics_and_no_sample(batches):
     assert len(rec.sample("0", "activation")) == 0
     frame = rec.to_frame().set_index("kind")
     assert frame.loc["activation", "count"] == sum(x.numel() for x in batches)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "tensor-ops"])
+def test_a_released_stream_keeps_its_bins_in_use_and_reopens(kernels, monkeypatch):
+    from bitwidth import stats_stream
+
+    monkeypatch.setattr(stats_stream, "_KERNELS", kernels)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10_000, generator=g), torch.randn(5000, generator=g) * 1e4
+    s = stats_stream.StreamStats(64, [0])
+    s.add(x, pool=False)
+    hist, summary = s.histogram(), s.summary()
+    s.flush(release=True)
+    assert len(s.hist) < 250 and np.array_equal(s.histogram(), hist) and s.summary() == summary
+    s.add(y, pool=False)  # a late batch (a gradient after its step closed) beyond the kept bins
+    whole = stats_stream.StreamStats(64, [0])
+    whole.add(torch.cat([x, y]), pool=False)
+    assert np.array_equal(s.histogram(), whole.histogram())
+    assert s.summary()["count"] == 15_000 and s.summary()["p9999"] == whole.summary()["p9999"]
 
 
 def test_hypergeometric_and_beta_draws_match_their_distributions():
