@@ -81,7 +81,7 @@ class Recorder:
         self._current: dict[tuple[str, str, bool], StreamStats] = {}  # the open snapshot's streams
         self._pending: dict[tuple[str, bool], Any] = {}  # weights to summarize at snapshot close
         self._handles: list[Any] = []
-        self._grad_hooks: list[weakref.ref[OrderedDict]] = []  # the hook dicts of the outputs hooked
+        self._grad_hooks: list[tuple[Any, int]] = []  # (weak ref to a hooked output's hook dict, our key)
         self._taps: list[tuple[nn.Module, Any]] = []
         self._open = False
 
@@ -122,10 +122,10 @@ class Recorder:
             self._open = False
             for h in self._handles:
                 h.remove()
-            for ref in self._grad_hooks:  # graphs still alive: their hooks must not hold us
+            for ref, key in self._grad_hooks:  # graphs still alive: their hooks must not hold us
                 hooks = ref()
                 if hooks is not None:
-                    hooks.pop(id(self), None)
+                    hooks.pop(key, None)
             for m, tap in self._taps:
                 taps = getattr(getattr(m, "_bw", None), "taps", [])
                 if tap in taps:
@@ -171,15 +171,21 @@ class Recorder:
             # made the output. It receives the gradient w.r.t. the output as the layer
             # produced it, even when an in-place op follows (torchvision's ReLU(inplace=True)),
             # which breaks module backward hooks.
+            hook = partial(self._on_grad, name, self._snap)
             hooks = output._backward_hooks  # an OrderedDict (weakly referable) once hooked
-            if hooks is None:
-                hooks = output._backward_hooks = OrderedDict()
-                output.grad_fn._register_hook_dict(output)
-            hooks[id(self)] = partial(self._on_grad, name, self._snap)
-            self._grad_hooks.append(weakref.ref(hooks))
+            register = getattr(output.grad_fn, "_register_hook_dict", None)
+            if hooks is None and register is None:  # a torch without it: the public route
+                handle = output.register_hook(hook)
+                self._grad_hooks.append((handle.hooks_dict_ref, handle.id))
+            else:
+                if hooks is None:
+                    hooks = output._backward_hooks = OrderedDict()
+                    register(output)
+                hooks[id(self)] = hook
+                self._grad_hooks.append((weakref.ref(hooks), id(self)))
             if len(self._grad_hooks) > 8 * len(self._modules) + 64:
                 # Hook dicts of graphs already freed are dead; dropping them bounds memory.
-                self._grad_hooks = [r for r in self._grad_hooks if r() is not None]
+                self._grad_hooks = [h for h in self._grad_hooks if h[0]() is not None]
 
     def _on_grad(self, name: str, step: int, grad: Tensor | None) -> None:
         if self._open and grad is not None:

@@ -211,6 +211,32 @@ def test_gradient_hooks_share_the_output_with_the_users_own():
     assert len(seen) == 2 and row_of(rec.to_frame(), "0", "gradient")["count"] == 15
 
 
+def test_gradient_hooks_without_the_hook_dict_api(monkeypatch):
+    """On a torch whose graph nodes lack ``_register_hook_dict``, the public Tensor.register_hook serves."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(inplace=True), nn.Linear(3, 2))
+    x = torch.randn(5, 4)
+    with record(model, kinds="gradient") as fast:
+        out = model(x)
+        out.sum().backward(retain_graph=True)
+    real_getattr = getattr
+
+    def no_hook_dict(obj, name, *default):
+        return None if name == "_register_hook_dict" else real_getattr(obj, name, *default)
+
+    import bitwidth.stats as stats_module
+
+    monkeypatch.setattr(stats_module, "getattr", no_hook_dict, raising=False)
+    with record(model, kinds="gradient") as public:
+        out = model(x)
+        out.sum().backward(retain_graph=True)
+        assert public._grad_hooks and all(key != id(public) for _, key in public._grad_hooks)  # handles' keys
+    pd.testing.assert_frame_equal(public.to_frame(), fast.to_frame())
+    gone = weakref.ref(public)
+    del public
+    gc.collect()
+    assert gone() is None  # the graph is alive, our hooks on it are gone
+
+
 def test_resnet18_every_layer_and_kind():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
