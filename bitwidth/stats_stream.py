@@ -153,17 +153,24 @@ class StreamStats:
             self._compact()
 
     def _compact(self) -> None:
-        # A closed snapshot's histogram spans a few dozen octaves at most: keep those bins.
+        # A closed snapshot's histogram spans a few dozen octaves at most: keep those bins;
+        # and a sample that never filled keeps only its values.
         if len(self.hist) == 2048:
             nz = np.flatnonzero(self.hist[1:]) + 1
             lo, hi = (int(nz[0]), int(nz[-1]) + 1) if nz.size else (1, 1)
             self.hist0, self.hist, self.hist_lo = int(self.hist[0]), self.hist[lo:hi].copy(), lo
+        if len(self.reservoir) > self.seen:
+            self.reservoir = self.reservoir[:self.seen].copy()
 
     def _expand(self) -> None:
         # A batch for a released stream (a gradient arriving after its step closed): the
-        # histogram gets back all its bins.
+        # histogram gets back all its bins, the sample its k slots (the kernels write there).
         if len(self.hist) != 2048:
             self.hist, self.hist0, self.hist_lo = self._full_hist(), 0, 0
+        if len(self.reservoir) < self.k:
+            grown = np.empty(self.k, np.float32)
+            grown[:len(self.reservoir)] = self.reservoir
+            self.reservoir = grown
 
     def _full_hist(self) -> np.ndarray:
         if len(self.hist) == 2048:

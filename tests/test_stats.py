@@ -624,6 +624,15 @@ def test_a_released_stream_keeps_its_bins_in_use_and_reopens(kernels, monkeypatc
     whole.add(torch.cat([x, y]), pool=False)
     assert np.array_equal(s.histogram(), whole.histogram())
     assert s.summary()["count"] == 15_000 and s.summary()["p9999"] == whole.summary()["p9999"]
+    # A sample that never filled keeps only its values, and fills on after a late batch.
+    small = stats_stream.StreamStats(64, [0])
+    small.add(x[:40], pool=False)
+    small.flush(release=True)
+    assert len(small.reservoir) == 40 and torch.equal(torch.from_numpy(small.sample), x[:40])
+    small.add(x[40:100], pool=False)
+    small.flush()
+    values = set(small.sample.tolist())
+    assert len(small.sample) == 64 and len(values) == 64 and values <= set(x[:100].tolist())
 
 
 def test_hypergeometric_and_beta_draws_match_their_distributions():
