@@ -349,8 +349,8 @@ def record(
     ``after_quant``: on a wrapped model also record the quantized tensors
     (rows with ``quantized=True``); the raw ones are always recorded.
 
-    Memory per (layer, kind[, step]): ``sample_size`` floats and the histogram's bins in
-    use (about 1 KB), plus, while its snapshot is open, all 2048 bins (16 KB) and 33 KB of
+    Memory per (layer, kind[, step]): ``sample_size`` floats (fewer if fewer were seen)
+    and the histogram's bins in use (about 1 KB), plus, while its snapshot is open, all 2048 bins (16 KB) and 33 KB of
     partial histograms (CPU data, merged at once by compiled kernels) or, for data on an
     accelerator, a buffer of up to 256 KB that pools batches under 65536 values.
 
