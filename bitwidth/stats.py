@@ -350,9 +350,10 @@ def record(
     (rows with ``quantized=True``); the raw ones are always recorded.
 
     Memory per (layer, kind[, step]): ``sample_size`` floats (fewer if fewer were seen)
-    and the histogram's bins in use (about 1 KB), plus, while its snapshot is open, all 2048 bins (16 KB) and 33 KB of
-    partial histograms (CPU data, merged at once by compiled kernels) or, for data on an
-    accelerator, a buffer of up to 256 KB that pools batches under 65536 values.
+    and the histogram's bins in use (about 1 KB), plus, while its snapshot is open, all
+    2048 bins (16 KB) and 33 KB of partial histograms (CPU data, merged at once by
+    compiled kernels) or, for data on an accelerator, a buffer of up to 256 KB that pools
+    batches under 65536 values.
 
     >>> import torch.nn as nn
     >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
