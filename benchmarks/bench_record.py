@@ -72,10 +72,10 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: 
                     on.append(block(step, steps, model, every))
                 else:
                     off.append(block(step, steps, None, None))
-        wall, cpu = ([statistics.median(b[k] / a[k] for a, b in zip(off, on, strict=True))] for k in (0, 1))
+        wall, cpu = (statistics.median(b[k] / a[k] for a, b in zip(off, on, strict=True)) for k in (0, 1))
         w_off, w_on = (statistics.median(t[0] for t in ts) for ts in (off, on))
         print(f"{name:34s} {label:36s} off {w_off * 1e3:8.2f} ms  on {w_on * 1e3:8.2f} ms  "
-              f"ratio {wall[0]:5.2f}x wall  {cpu[0]:5.2f}x cpu")
+              f"ratio {wall:5.2f}x wall  {cpu:5.2f}x cpu")
 
 
 def main() -> None:

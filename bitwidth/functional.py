@@ -164,10 +164,9 @@ def _run(fwd, grad, x: Tensor, params: tuple[Tensor, ...], rounding: str, genera
     xs = x.reshape(flat_shape)
     fused = x.numel() >= FUSE_MIN_NUMEL
     noise = None
-    if rounding == "stochastic" and fused:  # the kernel draws its noise from one seed
-        noise = torch.randint(2**62, (), generator=generator, device=x.device)
-    elif rounding == "stochastic":
-        noise = torch.rand(xs.shape, generator=generator, device=x.device, dtype=_wd(x))
+    if rounding == "stochastic":  # a fused kernel draws its noise from one seed (see _hash_uniform)
+        noise = (torch.randint(2**62, (), generator=generator, device=x.device) if fused
+                 else torch.rand(xs.shape, generator=generator, device=x.device, dtype=_wd(x)))
     fwd_k, grad_k = (_kernel(fwd), _kernel(grad)) if fused else (fwd, grad)
     if x.requires_grad and torch.is_grad_enabled():
         out = _STE.apply(xs, fwd_k, grad_k, noise, *params)

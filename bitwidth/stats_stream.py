@@ -72,16 +72,16 @@ def hist_edges() -> np.ndarray:
 class StreamStats:
     """Running statistics of one (layer, kind, quantized, step), merged batch by batch."""
 
-    __slots__ = ("acc", "nan", "inf", "hist", "hist_lo", "hist0", "part", "reservoir", "k", "seed", "lstate",
-                 "buf", "buf_n", "buf_cap")
+    __slots__ = ("acc", "nan", "inf", "hist", "hist_lo", "part", "reservoir", "k", "seed", "lstate", "buf", "buf_n",
+                 "buf_cap")
 
     def __init__(self, sample_size: int, seed: Sequence[int]) -> None:
         self.acc = new_state()  # count, moments, extremes, zeros, values sampled, Algorithm L's state
         self.nan = self.inf = 0
         self.hist = np.zeros(2048, np.int64)  # counts per bin code, zeros included, whatever the device
-        # A released stream keeps only the bins in use: hist becomes the range of nonzero
-        # bins from hist_lo >= 1, and bin 0 (zeros, tiniest subnormals) the count hist0.
-        self.hist_lo = self.hist0 = 0
+        # A released stream keeps only the bins in use, as it saves them: hist becomes the
+        # nonzero range of histogram() (zeros left out: they are counted in acc) from hist_lo.
+        self.hist_lo = 0
         self.part: np.ndarray | None = None  # the CPU kernels' partial histograms, while the stream is open
         self.reservoir = np.empty(sample_size, np.float32)  # the first k values, then a uniform sample of k
         self.buf: Tensor | None = None  # pooled small batches, (buf_cap,) with buf_cap <= _DIRECT
@@ -156,9 +156,7 @@ class StreamStats:
         # A closed snapshot's histogram spans a few dozen octaves at most: keep those bins;
         # and a sample that never filled keeps only its values.
         if len(self.hist) == 2048:
-            nz = np.flatnonzero(self.hist[1:]) + 1
-            lo, hi = (int(nz[0]), int(nz[-1]) + 1) if nz.size else (1, 1)
-            self.hist0, self.hist, self.hist_lo = int(self.hist[0]), self.hist[lo:hi].copy(), lo
+            self.hist_lo, self.hist = self._bins_in_use()
         if len(self.reservoir) > self.seen:
             self.reservoir = self.reservoir[:self.seen].copy()
 
@@ -166,7 +164,7 @@ class StreamStats:
         # A batch for a released stream (a gradient arriving after its step closed): the
         # histogram gets back all its bins, the sample its k slots (the kernels write there).
         if len(self.hist) != 2048:
-            self.hist, self.hist0, self.hist_lo = self._full_hist(), 0, 0
+            self.hist, self.hist_lo = self._full_hist(), 0
         if len(self.reservoir) < self.k:
             grown = np.empty(self.k, np.float32)
             grown[:len(self.reservoir)] = self.reservoir
@@ -176,9 +174,16 @@ class StreamStats:
         if len(self.hist) == 2048:
             return self.hist
         full = np.zeros(2048, np.int64)
-        full[0] = self.hist0
         full[self.hist_lo:self.hist_lo + len(self.hist)] = self.hist
+        full[0] += self.zeros
         return full
+
+    def _bins_in_use(self) -> tuple[int, np.ndarray]:
+        """The first nonzero bin of :meth:`histogram` and the counts from there to the last."""
+        h = self.histogram()
+        nz = np.flatnonzero(h)
+        lo, hi = (int(nz[0]), int(nz[-1]) + 1) if nz.size else (0, 0)
+        return lo, h[lo:hi].copy()
 
     def _update(self, x: Tensor) -> None:
         """Merge one flat float32 batch with tensor ops (data on an accelerator)."""
@@ -247,23 +252,19 @@ class StreamStats:
         }
 
     def state(self) -> dict[str, Any]:
-        h = self.histogram()
-        nz = np.flatnonzero(h)
-        lo, hi = (int(nz[0]), int(nz[-1]) + 1) if nz.size else (0, 0)
+        lo, hist = self._bins_in_use()
         acc = dict(zip(_SAVED, self.acc[_SAVED_AT].tolist(), strict=True))
         return {**acc, "nan": self.nan, "inf": self.inf, "k": self.k, "seed": self.seed,
-                "hist_lo": lo, "hist": torch.from_numpy(h[lo:hi]), "sample": torch.from_numpy(self.sample.copy())}
+                "hist_lo": lo, "hist": torch.from_numpy(hist), "sample": torch.from_numpy(self.sample.copy())}
 
     @classmethod
     def from_state(cls, st: dict[str, Any]) -> StreamStats:
         s = cls(st["k"], st["seed"])
         s.acc[_SAVED_AT] = [st[name] for name in _SAVED]
         s.nan, s.inf = st["nan"], st["inf"]
-        s.hist[st["hist_lo"]:st["hist_lo"] + len(st["hist"])] = st["hist"].numpy()
-        s.hist[0] += s.zeros
-        sample = st["sample"].numpy()
-        s.reservoir = np.zeros(max(s.k, len(sample)), np.float32)
-        s.reservoir[:len(sample)] = sample
+        # Saved as a released stream keeps them: a loaded one reports, and reopens if added to.
+        s.hist_lo, s.hist = st["hist_lo"], st["hist"].numpy().copy()
+        s.reservoir = st["sample"].numpy().copy()
         return s
 
 

@@ -15,6 +15,12 @@ def value_and_grad(fn, x, g):
 
 assert N >= F.FUSE_MIN_NUMEL
 
+
+def seeded(x):
+    """A fresh generator with a fixed seed on ``x``'s device."""
+    return torch.Generator(x.device).manual_seed(5)
+
+
 CASES = {
     "int8": lambda x: F.quantize_int(x, 0.02, 3, -128, 127),
     "int4_channel": lambda x: F.quantize_int(x.reshape(7, -1), torch.linspace(0.1, 0.5, 7), 0, -8, 7, axis=0),
@@ -22,10 +28,8 @@ CASES = {
     "e4m3": lambda x: F.quantize_float(x, 4, 3, max_value=448.0),
     "e5m2_nosub": lambda x: F.quantize_float(x, 5, 2, subnormals=False),
     # The noise is hashed from one seed inside the kernel: the same seed, the same values.
-    "int8_stochastic": lambda x: F.quantize_int(x, 0.02, 3, -128, 127, rounding="stochastic",
-                                                generator=torch.Generator().manual_seed(5)),
-    "e4m3_stochastic": lambda x: F.quantize_float(x, 4, 3, rounding="stochastic",
-                                                  generator=torch.Generator().manual_seed(5)),
+    "int8_stochastic": lambda x: F.quantize_int(x, 0.02, 3, -128, 127, rounding="stochastic", generator=seeded(x)),
+    "e4m3_stochastic": lambda x: F.quantize_float(x, 4, 3, rounding="stochastic", generator=seeded(x)),
 }
 
 
@@ -60,11 +64,6 @@ def test_fused_stochastic_rounding_is_unbiased_and_varies_per_call():
 @pytest.mark.parametrize("case", ["int8", "e4m3", "int8_stochastic", "e4m3_stochastic"])
 def test_fused_equals_eager_on_cuda(case, monkeypatch):
     fn = CASES[case]
-    if "stochastic" in case:  # the generator must live on the data's device
-        fn = {"int8_stochastic": lambda x: F.quantize_int(x, 0.02, 3, -128, 127, rounding="stochastic",
-                                                          generator=torch.Generator("cuda").manual_seed(5)),
-              "e4m3_stochastic": lambda x: F.quantize_float(x, 4, 3, rounding="stochastic",
-                                                            generator=torch.Generator("cuda").manual_seed(5))}[case]
     torch.manual_seed(0)
     x = (torch.randn(N, device="cuda") * torch.exp2(torch.randint(-12, 6, (N,), device="cuda").float()))
     x.requires_grad_()
