@@ -99,9 +99,15 @@ def _cmd_validate(path: str, overrides: list[str]) -> int:
     except (OSError, RuntimeError) as err:
         print(f"note: layer patterns not checked, the task could not be built here ({err})")
     else:
+        from .coverage import coverage
         from .runner import select_layers
+        from .wrap import QuantSpec
 
-        select_layers(task.build_model(cfg.seeds[0]), cfg.search.layers)
+        model = task.build_model(cfg.seeds[0])
+        names = select_layers(model, cfg.search.layers, task.example_input())
+        kinds = [k for k in cfg.search.kinds if k != "gradient"] or ["weight", "activation"]
+        plan = dict.fromkeys(names, QuantSpec(**dict.fromkeys(kinds, "int8")))
+        print(f"the search {coverage(model, plan, task.example_input())}")
     s = cfg.search
     print(f"{path}: ok — {cfg.mode} on {cfg.task.model}@{cfg.task.data}, {s.family} {s.candidates}, "
           f"kinds {', '.join(s.kinds)}, strategy {s.strategy}, criterion {cfg.criterion.name}, "

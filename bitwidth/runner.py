@@ -31,15 +31,17 @@ from torch import nn
 
 from . import trial as _trial
 from .cost import COST_MEASURES, CostModel
+from .coverage import coverage, sites
 from .executors import Executor, make_executor
 from .families import FAMILIES, make_format, needs_absmax
 from .formats import Format
 from .search import STRATEGIES, Pair, SearchResult, SearchSpace, Verdict, bisect, grid, joint, together, uniform
 from .stats import record
 from .store import TrialStore, trial_key
-from .wrap import KINDS, QuantSpec, covered_layers, plan_from_dict, plan_to_dict, resolve_plan
+from .wrap import KINDS, QuantSpec, plan_from_dict, plan_to_dict, resolve_plan
 
-__all__ = ["select_layers", "STORE_FILE", "ProgressEvent", "TrialContext", "run_search", "run_trial_item"]
+__all__ = ["select_layers", "select_pairs", "STORE_FILE", "ProgressEvent", "TrialContext", "run_search",
+           "run_trial_item"]
 
 STORE_FILE = "trials.jsonl"
 
@@ -181,18 +183,34 @@ def _mean_metrics(metrics: list[Mapping[str, float]]) -> dict[str, float]:
     return {n: statistics.fmean(float(m.get(n, math.nan)) for m in metrics) for n in names}
 
 
-def select_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
-    """The covered layers that names or glob patterns select, in model order.
+def select_layers(model: nn.Module, layers: str | Sequence[str], example_input: Any = None) -> list[str]:
+    """The sites that names or glob patterns select, in model order.
 
-    Every name and pattern must select something: one that does not is a typo, and the
-    ``ValueError`` names the closest real layers.
+    Without ``example_input`` only weight sites (and op sites the model has already run)
+    are known; with it, one forward finds every op site too. Every name and pattern must
+    select something: one that does not is a typo, and the ``ValueError`` names the
+    closest real sites.
 
     >>> select_layers(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2)), ["2", "0*"])
     ['0', '2']
     """
     patterns = [layers] if isinstance(layers, str) else list(layers)
-    resolve_plan(model, dict.fromkeys(patterns, QuantSpec()))  # raises, naming the closest layers
-    return [n for n in covered_layers(model) if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if example_input is None:
+        names = list(resolve_plan(model, dict.fromkeys(patterns, QuantSpec())))  # raises, naming the closest
+    else:
+        from .coverage import coverage
+
+        names = list(dict.fromkeys(coverage(model, dict.fromkeys(patterns, "int8"), example_input).table["site"]))
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def select_pairs(table: pd.DataFrame, names: Sequence[str], kinds: Sequence[str]) -> list[Pair]:
+    """(site, kind) pairs a search can quantize: the kinds each selected site has.
+
+    An op site between activations has no weight; an embedding has no float input.
+    """
+    have = set(zip(table.loc[table["quantizable"], "site"], table.loc[table["quantizable"], "kind"], strict=True))
+    return [(n, k) for n in names for k in kinds if (n, k) in have]
 
 
 def _data_absmax(task: Any, baseline: _trial.Baseline, layers: Sequence[str], kinds: Sequence[str], *,
@@ -300,8 +318,14 @@ def run_search(
     if "absmax" in fam_opts:
         raise ValueError("family_options cannot set absmax: it is measured per layer from the data")
     model = task.build_model(seeds[0])
-    names = select_layers(model, layers)
-    costs = CostModel.measure(model, task.example_input())
+    names = select_layers(model, layers, task.example_input())
+    table = sites(model, task.example_input())
+    costs = CostModel.from_sites(table)
+    pairs = select_pairs(table, names, kinds)
+    if not pairs:
+        raise ValueError(f"the selected sites have none of the kinds {list(kinds)}")
+    covered = coverage(model, {n: QuantSpec(**{k: "int8" for k in kinds if (n, k) in pairs}) for n in names},
+                       task.example_input())
     # Bad family options fail here, before any training.
     make_format(family, max(candidates, default=8), **fam_opts, **({"absmax": 1.0} if needs_absmax(family) else {}))
     run_dir = Path(run_dir)
@@ -315,7 +339,7 @@ def run_search(
     def build(layer: str, kind: str, n: int) -> Format:
         return make_format(family, n, **fam_opts, **({"absmax": absmax[(layer, kind)]} if absmax else {}))
 
-    space = SearchSpace([(n, k) for n in names for k in kinds], tuple(candidates), build)
+    space = SearchSpace(pairs, tuple(candidates), build)
     own_executor = not hasattr(executor, "map_unordered")
     ex = make_executor(executor or "local") if own_executor else executor
     evaluate = _Evaluator(task, options, baselines, criterion, TrialStore(run_dir / STORE_FILE), ex, progress)
@@ -329,6 +353,9 @@ def run_search(
         "family_options": fam_opts, "candidates": list(space.candidates), "criterion": criterion.to_dict(),
         "strategy": strategy, "seeds": list(baselines), "trial_options": options.to_dict(),
     }
+    result.summary["coverage"] = {"text": str(covered), "mac_fraction": covered.mac_fraction,
+                                  "weight_fraction": covered.weight_fraction,
+                                  "left_out": covered.left_out.to_dict(orient="records")}
     result.save(run_dir)
     return result
 

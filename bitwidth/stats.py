@@ -31,30 +31,12 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from .sites import Engine, engine_of
 from .stats_analysis import analyze, predict_min_bits
 from .stats_stream import PERCENTILES, STAT_COLUMNS, StreamStats, hist_edges
-from .wrap import COVERED, KINDS, covered_layers, is_wrapped
+from .wrap import KINDS, is_wrapped
 
 __all__ = ["record", "Recorder", "analyze", "predict_min_bits", "hist_edges", "PERCENTILES", "STAT_COLUMNS"]
-
-
-def _layer_type(m: nn.Module) -> str:
-    return next((c.__name__ for c in type(m).__mro__ if c in COVERED), type(m).__name__)
-
-
-def _macs_per_sample(m: nn.Module, x: Tensor, y: Tensor) -> float:
-    """Multiply-accumulates per sample, from the shapes of one call (NaN where unknown)."""
-    if isinstance(m, nn.Linear):
-        batch = x.shape[0] if x.dim() > 1 else 1
-        return y.numel() / batch * m.in_features
-    if isinstance(m, nn.modules.conv._ConvNd):
-        batch = x.shape[0] if x.dim() == m.weight.dim() else 1
-        # Each output (conv) or input (transposed conv) element costs one weight slice.
-        per = y if not isinstance(m, nn.modules.conv._ConvTransposeNd) else x
-        return per.numel() / batch * m.weight[0].numel()
-    if isinstance(m, nn.Embedding):
-        return 0.0
-    return math.nan
 
 
 class Recorder:
@@ -73,8 +55,10 @@ class Recorder:
                  sample_size: int = 4096, seed: int = 0) -> None:
         self.kinds, self.every, self.sample_size, self.seed = tuple(kinds), every, sample_size, seed
         self.step_index = 0
-        self.layers: dict[str, dict[str, Any]] = {}  # name -> layer_type, params, macs
-        self._modules: dict[str, nn.Module] = {}
+        self.layers: dict[str, dict[str, Any]] = {}  # site -> layer_type, params, macs
+        self._engine: Engine | None = None
+        self._patterns: list[str] = ["*"]
+        self._selected: dict[str, bool] = {}  # site -> recorded (the patterns, cached)
         self._after_quant = False
         self._streams: dict[tuple[str, str, bool, int], StreamStats] = {}
         self._fresh: list[StreamStats] = []  # made in this snapshot
@@ -82,7 +66,6 @@ class Recorder:
         self._pending: dict[tuple[str, bool], Any] = {}  # weights to summarize at snapshot close
         self._handles: list[Any] = []
         self._grad_hooks: list[tuple[Any, int]] = []  # (weak ref to a hooked output's hook dict, our key)
-        self._taps: list[tuple[nn.Module, Any]] = []
         self._open = False
 
     # ------------------------------------------------------------------ recording
@@ -97,17 +80,11 @@ class Recorder:
     def __enter__(self) -> Recorder:
         if self._open:
             raise ValueError("this recorder is already recording")
+        if self._engine is None:
+            raise ValueError("a recorder made by Recorder() cannot record; use bitwidth.record(model)")
         self._open = True
-        try:
-            for name, m in self._modules.items():
-                self._handles.append(m.register_forward_hook(partial(self._on_forward, name)))
-                if self._after_quant and is_wrapped(m):
-                    tap = partial(self._on_tap, name)
-                    m._bw.taps.append(tap)  # type: ignore[union-attr]
-                    self._taps.append((m, tap))
-        except BaseException:
-            self._close()
-            raise
+        self._engine.taps.append(self._on_tap)
+        self._engine.refresh()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -120,17 +97,15 @@ class Recorder:
                 st.flush(release=True)
         finally:
             self._open = False
-            for h in self._handles:
-                h.remove()
+            eng = self._engine
+            if eng is not None and self._on_tap in eng.taps:
+                eng.taps.remove(self._on_tap)
+                eng.refresh()
             for ref, key in self._grad_hooks:  # graphs still alive: their hooks must not hold us
                 hooks = ref()
                 if hooks is not None:
                     hooks.pop(key, None)
-            for m, tap in self._taps:
-                taps = getattr(getattr(m, "_bw", None), "taps", [])
-                if tap in taps:
-                    taps.remove(tap)
-            self._handles, self._grad_hooks, self._taps = [], [], []
+            self._grad_hooks = []
 
     def step(self) -> None:
         """Close the current step (summarizing its weights) and start the next one.
@@ -153,51 +128,58 @@ class Recorder:
             self._fresh, self._current = [], {}
         self.step_index += 1
 
-    def _on_forward(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
-        x = args[0] if args else None
-        info = self.layers[name]
-        if math.isnan(info["macs"]) and isinstance(x, Tensor) and isinstance(output, Tensor):
-            info["macs"] = _macs_per_sample(module, x, output)
-        if not self._active:
+    def _wanted(self, site: str) -> bool:
+        ok = self._selected.get(site)
+        if ok is None:
+            ok = self._selected[site] = any(fnmatch.fnmatchcase(site, p) for p in self._patterns)
+            if ok and site not in self.layers:
+                self.layers[site] = {"layer_type": self._engine.seen.get(site, "") if self._engine else "",
+                                     "params": 0, "macs": math.nan}
+        return ok
+
+    def _on_tap(self, site: str, kind: str, tensor: Tensor, quantized: bool) -> None:
+        if not (self._open and self._active and self._wanted(site)):
             return
-        kinds = self.kinds
-        if "activation" in kinds and isinstance(x, Tensor) and x.is_floating_point():
-            self._add(name, "activation", False, x)
-        if "weight" in kinds:
-            self._pending[(name, False)] = module
-        if "gradient" in kinds and isinstance(output, Tensor) and output.grad_fn is not None:
-            # A tensor hook, as Tensor.register_hook makes one but without its handle object
-            # (this runs for every layer on every forward): a dict of hooks on the node that
-            # made the output. It receives the gradient w.r.t. the output as the layer
-            # produced it, even when an in-place op follows (torchvision's ReLU(inplace=True)),
-            # which breaks module backward hooks.
-            hook = partial(self._on_grad, name, self._snap)
-            hooks = output._backward_hooks  # an OrderedDict (weakly referable) once hooked
-            register = getattr(output.grad_fn, "_register_hook_dict", None)
-            if hooks is None and register is None:  # a torch without it: the public route
-                handle = output.register_hook(hook)
-                self._grad_hooks.append((handle.hooks_dict_ref, handle.id))
-            else:
-                if hooks is None:
-                    hooks = output._backward_hooks = OrderedDict()
-                    register(output)
-                hooks[id(self)] = hook
-                self._grad_hooks.append((weakref.ref(hooks), id(self)))
-            if len(self._grad_hooks) > 8 * len(self._modules) + 64:
-                # Hook dicts of graphs already freed are dead; dropping them bounds memory.
-                self._grad_hooks = [h for h in self._grad_hooks if h[0]() is not None]
+        info = self.layers[site]
+        if kind == "output":
+            if math.isnan(info["macs"]) and self._engine is not None:
+                info["macs"] = self._engine.site_macs.get(site, math.nan)
+            if "gradient" in self.kinds:
+                self._hook_gradient(site, tensor)
+            return
+        elif kind not in self.kinds or (quantized and not self._after_quant):
+            return
+        elif kind == "weight":
+            self._pending[(site, quantized)] = tensor.detach()
+        else:
+            self._add(site, kind, quantized, tensor)
+
+    def _hook_gradient(self, name: str, output: Tensor) -> None:
+        if output.grad_fn is None:
+            return
+        # A tensor hook, as Tensor.register_hook makes one but without its handle object
+        # (this runs for every site on every forward): a dict of hooks on the node that
+        # made the output. It receives the gradient w.r.t. the output as the op produced
+        # it, even when an in-place op follows (torchvision's ReLU(inplace=True)).
+        hook = partial(self._on_grad, name, self._snap)
+        hooks = output._backward_hooks  # an OrderedDict (weakly referable) once hooked
+        register = getattr(output.grad_fn, "_register_hook_dict", None)
+        if hooks is None and register is None:  # a torch without it: the public route
+            handle = output.register_hook(hook)
+            self._grad_hooks.append((handle.hooks_dict_ref, handle.id))
+        else:
+            if hooks is None:
+                hooks = output._backward_hooks = OrderedDict()
+                register(output)
+            hooks[id(self)] = hook
+            self._grad_hooks.append((weakref.ref(hooks), id(self)))
+        if len(self._grad_hooks) > 8 * len(self.layers) + 64:
+            # Hook dicts of graphs already freed are dead; dropping them bounds memory.
+            self._grad_hooks = [h for h in self._grad_hooks if h[0]() is not None]
 
     def _on_grad(self, name: str, step: int, grad: Tensor | None) -> None:
         if self._open and grad is not None:
             self._add(name, "gradient", False, grad, step)
-
-    def _on_tap(self, name: str, kind: str, tensor: Tensor) -> None:
-        if not (self._open and self._active and kind in self.kinds):
-            return
-        if kind == "weight":
-            self._pending[(name, True)] = tensor.detach()
-        else:
-            self._add(name, kind, True, tensor)
 
     def _stream(self, name: str, kind: str, quantized: bool, step: int, fresh: bool = False) -> StreamStats:
         key = (name, kind, quantized, step)
@@ -222,8 +204,7 @@ class Recorder:
     def _summarize_weights(self, close: bool = True) -> None:
         # A read inside the step summarizes too, but keeps the weights pending: the
         # snapshot's figure is the weight at its close.
-        for (name, quantized), src in self._pending.items():
-            w = src.weight if isinstance(src, nn.Module) else src
+        for (name, quantized), w in self._pending.items():
             self._stream(name, "weight", quantized, self._snap, fresh=True).add(w, pool=False)
         if close:
             self._pending.clear()
@@ -257,6 +238,9 @@ class Recorder:
         [3.0, 3.0, 0.3333333333333333, 1.0]
         """
         info_cols = ["layer_type", "params", "macs"]
+        for name, info in self.layers.items():  # sites whose gradient was not taken: MACs seen by the engine
+            if math.isnan(info["macs"]) and self._engine is not None and name in self._engine.site_macs:
+                info["macs"] = self._engine.site_macs[name]
         rows = [{**self._key(k), **{c: self.layers[k[0]][c] for c in info_cols}, **s.summary()}
                 for k, s in self._rows()]
         return pd.DataFrame(rows, columns=self._key_columns() + info_cols + list(STAT_COLUMNS))
@@ -343,8 +327,9 @@ def record(
 ) -> Recorder:
     """Record per-layer statistics while the ``with`` body runs; every hook is removed on exit.
 
-    ``layers``: glob pattern(s) over the quantizable layer names (None: all). ``kinds``: any of
-    weight, activation (the layer's input), gradient (w.r.t. its output). ``every=N``:
+    ``layers``: glob pattern(s) over site names (None: all; see :mod:`bitwidth.sites`).
+    ``kinds``: any of weight, activation (the input of a matrix-multiplying op), gradient
+    (w.r.t. its output). ``every=N``:
     a separate snapshot for steps 0, N, 2N… (advance with ``rec.step()``).
     ``after_quant``: on a wrapped model also record the quantized tensors
     (rows with ``quantized=True``); the raw ones are always recorded.
@@ -370,23 +355,24 @@ def record(
         raise ValueError(f"every must be None or a positive integer, got {every!r}")
     if not isinstance(sample_size, int) or sample_size < 0:
         raise ValueError(f"sample_size must be a non-negative integer, got {sample_size!r}")
-    covered = covered_layers(model)
-    if not covered:
-        raise ValueError("the model has no quantizable layers (Linear, Conv*, ConvTranspose*, Embedding)")
+    eng = engine_of(model) or engine_of(model, create=True)
+    assert eng is not None
+    known = [*eng.slots, *(n for n in eng.seen if n not in eng.slots)]
+    if not known and not eng.modules:
+        raise ValueError("the model has no sites")
     patterns = ["*"] if layers is None else [layers] if isinstance(layers, str) else list(layers)
     if not patterns:
-        raise ValueError("layers must be None or name at least one layer or glob pattern")
+        raise ValueError("layers must be None or name at least one site or glob pattern")
     for p in patterns:
-        if not any(fnmatch.fnmatchcase(n, p) for n in covered):
-            names = ", ".join(list(covered)[:8]) + (", …" if len(covered) > 8 else "")
-            raise ValueError(f"layer pattern {p!r} matches no quantizable layer; layers: {names}")
-    if after_quant and not any(is_wrapped(m) for m in covered.values()):
+        if not any(fnmatch.fnmatchcase(n, p) for n in known) and not (":" in p and not eng.seen):
+            names = ", ".join(known[:8]) + (", …" if len(known) > 8 else "")
+            raise ValueError(f"site pattern {p!r} matches no site; sites: {names or 'none'}"
+                             + ("" if eng.seen else " (op sites module:op.i are known once the model has run)"))
+    if after_quant and not is_wrapped(model):
         raise ValueError("after_quant=True needs a wrapped model; call bitwidth.wrap(model, plan) first")
     rec = Recorder(kinds, every, sample_size, seed)
-    rec._after_quant = after_quant
-    for name, m in covered.items():
-        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
-            rec._modules[name] = m
-            params = sum(p.numel() for p in m.parameters(recurse=False))
-            rec.layers[name] = {"layer_type": _layer_type(m), "params": params, "macs": math.nan}
+    rec._after_quant, rec._engine, rec._patterns = after_quant, eng, patterns
+    for name, slot in eng.slots.items():
+        if rec._wanted(name):
+            rec.layers[name].update(layer_type=type(slot.module).__name__, params=slot.param.numel())
     return rec

@@ -47,8 +47,9 @@ import torch
 import torch.nn.functional as TF
 from torch import nn
 
+from .sites import engine_of
 from .tasks.base import TaskLike, digest, evaluate
-from .wrap import Plan, calibrate, quant_layers, resolve_plan, set_plan, wrap
+from .wrap import Plan, calibrate, resolve_plan, set_plan, wrap
 
 __all__ = [
     "BASELINE_FILE",
@@ -288,13 +289,21 @@ def _train_trial(
 
 
 def _stored_formats(model: nn.Module) -> list[tuple[torch.Tensor, Any, int | None]]:
-    """(parameter, weight format, channel axis) for every parameter stored in a layer's weight format."""
+    """(parameter, weight format, channel axis) for every parameter stored in a weight site's format.
+
+    A module's other parameters (its bias) are stored in the format of its ``weight`` site.
+    """
+    eng = engine_of(model)
     out = []
-    for layer in quant_layers(model).values():
-        st = layer._bw  # type: ignore[union-attr]
-        if st.spec.weight is not None:
-            for name, p in layer.named_parameters(recurse=False):
-                out.append((p, st.spec.weight, st.weight_axis if name == "weight" else None))
+    for slot in eng.slots.values() if eng else []:
+        fmt = eng.spec(slot.name).weight
+        if fmt is None:
+            continue
+        out.append((slot.param, fmt, slot.axis))
+        if slot.pname == "weight":
+            others = [n for n in slot.module._parameters if n != "weight" and not any(
+                s.module is slot.module and s.pname == n for s in eng.slots.values())]
+            out += [(slot.module._parameters[n], fmt, None) for n in others if slot.module._parameters[n] is not None]
     return out
 
 

@@ -1,8 +1,9 @@
-"""Per-layer fake-quantization wrappers: ``QuantSpec``, plans, ``wrap`` / ``set_plan`` / ``unwrap``.
+"""Fake quantization of a model's sites: ``QuantSpec``, plans, ``wrap`` / ``set_plan`` / ``unwrap``.
 
-Wrapping is done in place by switching each covered layer's class to a quantizing
-subclass (``nn.Linear`` -> ``QuantLinear``): the module object, its parameters and its
-``state_dict`` keys stay exactly the same, and ``unwrap`` switches the class back.
+A plan maps site names or glob patterns to specs (see :mod:`bitwidth.sites` for what a
+site is and how sites are named). Wrapping attaches the site machinery to the model in
+place: no module changes class, the parameter objects and ``state_dict`` keys stay
+exactly the same, and ``unwrap`` removes every trace of it.
 
 >>> import torch.nn as nn
 >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -18,15 +19,15 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as TF
-from torch import Tensor, nn
+from torch import nn
 
-from . import functional as F
-from .formats import Format, IntFormat, format_from_dict, format_to_dict, parse_format
+from .formats import Format, format_from_dict, format_to_dict, parse_format
+from .ops import OPS
+from .sites import Engine, engine_of
 
 __all__ = [
     "KINDS",
@@ -96,268 +97,154 @@ def as_spec(value: SpecLike) -> QuantSpec:
 _EMPTY = QuantSpec()
 
 
-# ----------------------------------------------------------------------------- layer forwards
-# One entry per covered module type: how to run the layer with a given (quantized) weight.
-
-def _linear(m: nn.Linear, x: Tensor, w: Tensor, *a: Any, **k: Any) -> Tensor:
-    return TF.linear(x, w, m.bias)
-
-
-def _conv(m: nn.Module, x: Tensor, w: Tensor, *a: Any, **k: Any) -> Tensor:
-    return m._conv_forward(x, w, m.bias)  # type: ignore[operator]
-
-
-def _conv_transpose(m: nn.Module, x: Tensor, w: Tensor, output_size: list[int] | None = None) -> Tensor:
-    nd = w.dim() - 2
-    pad = m._output_padding(x, output_size, m.stride, m.padding, m.kernel_size, nd, m.dilation)  # type: ignore[operator]
-    fn = {1: TF.conv_transpose1d, 2: TF.conv_transpose2d, 3: TF.conv_transpose3d}[nd]
-    return fn(x, w, m.bias, m.stride, m.padding, pad, m.groups, m.dilation)
-
-
-def _embedding(m: nn.Embedding, x: Tensor, w: Tensor, *a: Any, **k: Any) -> Tensor:
-    return TF.embedding(x, w, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
-
-
-@dataclass
-class _LayerState:
-    """What a wrapped layer carries besides its original attributes (never in state_dict)."""
-
-    spec: QuantSpec = _EMPTY
-    weight_axis: int = 0
-    observing: bool = False
-    calib: dict[str, Tensor] | None = None  # static activation statistics from calibrate()
-    cache: tuple | None = None  # (weight version, format, quantized weight) for frozen weights
-    taps: list[Callable[[str, Tensor], None]] = field(default_factory=list)
-
-
-class _QuantMixin:
-    """Forward of a wrapped layer: quantize input and weight, run the layer, tag the gradient."""
-
-    _bw: _LayerState
-    _bw_forward: Callable[..., Tensor]
-    weight: Tensor
-
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        st = self._bw
-        if st.spec.empty and not st.observing and not st.taps:
-            return super().forward(x, *args, **kwargs)  # type: ignore[misc]
-        spec = st.spec
-        if x.is_floating_point():
-            if st.observing:
-                _observe(st, x)
-            if spec.activation is not None:
-                x = _quantize_activation(st, spec.activation, x)
-                for tap in st.taps:
-                    tap("activation", x)
-        w = self.weight
-        if spec.weight is not None:
-            w = _quantize_weight(st, spec.weight, w)
-            for tap in st.taps:
-                tap("weight", w)
-        y = type(self)._bw_forward(self, x, w, *args, **kwargs)
-        if spec.gradient is not None and y.requires_grad:
-            y = F.quantize_gradient(y, _gradient_quantizer(spec.gradient, st))
-        return y
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", spec=[{self._bw.spec.short()}]"  # type: ignore[misc]
-
-
-def _quantize_weight(st: _LayerState, fmt: Format, w: Tensor) -> Tensor:
-    # Evaluation reuses the quantized weight until the weight changes (in-place updates
-    # bump the version counter); that makes repeated PTQ evaluation nearly free.
-    frozen = not (torch.is_grad_enabled() and w.requires_grad) and fmt.rounding == "nearest"
-    key = (w._version, w.data_ptr(), fmt)
-    if frozen and st.cache is not None and st.cache[0] == key:
-        return st.cache[1]
-    q = fmt.quantize(w, axis=st.weight_axis)
-    st.cache = (key, q) if frozen else None
-    return q
-
-
-def _quantize_activation(st: _LayerState, fmt: Format, x: Tensor) -> Tensor:
-    if isinstance(fmt, IntFormat) and st.calib is not None and not st.observing:
-        # Static range: the format chooses its scale from the calibration data.
-        return fmt.quantize(x, qparams=_static_qparams(fmt, st))
-    return fmt.quantize(x)
-
-
-def _static_qparams(fmt: IntFormat, st: _LayerState) -> tuple[Tensor, Tensor]:
-    calib = st.calib
-    assert calib is not None
-    key = ("qparams", fmt)
-    if key not in calib:
-        if fmt.scale in ("max", "pow2"):
-            data = torch.stack([calib["min"], calib["max"]])
-        else:
-            data = torch.cat([calib["sample"], calib["min"].reshape(1), calib["max"].reshape(1)])
-        calib[key] = fmt.qparams(data)  # type: ignore[index]
-    return calib[key]  # type: ignore[index]
-
-
-_CALIB_SAMPLE = 1 << 16
-
-
-def _observe(st: _LayerState, x: Tensor) -> None:
-    x = x.detach().float()
-    finite = x[torch.isfinite(x)]
-    if finite.numel() == 0:
-        return
-    lo, hi = finite.min(), finite.max()
-    # A bounded random sample of the inputs lets percentile and MSE scales be chosen later.
-    sample = finite.flatten()
-    if sample.numel() > _CALIB_SAMPLE // 8:
-        idx = torch.randint(sample.numel(), (_CALIB_SAMPLE // 8,), device=sample.device)
-        sample = sample[idx]
-    c = st.calib
-    if c is not None:
-        lo, hi = torch.minimum(c["min"], lo), torch.maximum(c["max"], hi)
-        sample = torch.cat([c["sample"], sample])[-_CALIB_SAMPLE:]
-    st.calib = {"min": lo, "max": hi, "sample": sample}  # a new dict drops scales derived from the old one
-
-
-def _gradient_quantizer(fmt: Format, st: _LayerState) -> Callable[[Tensor], Tensor]:
-    def quantize(grad: Tensor) -> Tensor:
-        q = fmt.quantize(grad)
-        for tap in st.taps:
-            tap("gradient", q)
-        return q
-
-    return quantize
-
-
-def _make_wrapper(base: type[nn.Module], forward: Callable[..., Tensor], axis: int) -> type[nn.Module]:
-    cls = type(f"Quant{base.__name__}", (_QuantMixin, base), {"_bw_forward": forward, "_bw_axis": axis})
-    cls.__module__ = __name__
-    return cls
-
-
-_REGISTRY: dict[type[nn.Module], type[nn.Module]] = {}
-for _base, _fwd, _axis in [
-    (nn.Linear, _linear, 0),
-    (nn.Conv1d, _conv, 0),
-    (nn.Conv2d, _conv, 0),
-    (nn.Conv3d, _conv, 0),
-    (nn.ConvTranspose1d, _conv_transpose, 1),  # weight is (in, out/groups, ...)
-    (nn.ConvTranspose2d, _conv_transpose, 1),
-    (nn.ConvTranspose3d, _conv_transpose, 1),
-    (nn.Embedding, _embedding, 0),
-]:
-    _REGISTRY[_base] = _make_wrapper(_base, _fwd, _axis)
-    globals()[_REGISTRY[_base].__name__] = _REGISTRY[_base]  # picklable by name
-_ORIGINAL = {v: k for k, v in _REGISTRY.items()}
-COVERED = tuple(_REGISTRY)
-
-
-def is_wrapped(module: nn.Module) -> bool:
-    return type(module) in _ORIGINAL
+def is_wrapped(model: nn.Module) -> bool:
+    """Whether ``model`` itself was wrapped (its engine hangs on it)."""
+    return engine_of(model) is not None
 
 
 def covered_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every layer ``wrap`` can quantize, by qualified name, in model order."""
-    return {n: m for n, m in model.named_modules() if type(m) in _REGISTRY or is_wrapped(m)}
+    """Every weight site by name, with the module that holds its parameter, in model order."""
+    eng = engine_of(model) or Engine(model)
+    return {name: slot.module for name, slot in eng.slots.items()}
 
 
 def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The wrapped layers of ``model`` by qualified name."""
-    return {n: m for n, m in model.named_modules() if is_wrapped(m)}
+    """The weight sites of a wrapped model by name (empty when it is not wrapped)."""
+    eng = engine_of(model)
+    return {name: slot.module for name, slot in eng.slots.items()} if eng else {}
 
 
 def _is_pattern(key: str) -> bool:
     return any(c in key for c in "*?[")
 
 
+_OP_NAMES = sorted({op.name for op in OPS.values()})
+
+
+def _could_be_op_site(eng: Engine, key: str) -> bool:
+    """``module:op.i`` (or ``module:sdpa[.i].q``) naming a real module and op: not seen yet."""
+    module, sep, rest = key.partition(":")
+    return bool(sep) and module in eng.modules and rest.split(".")[0] in _OP_NAMES
+
+
+def _check_keys(eng: Engine, keys: Iterable[str]) -> None:
+    known = list(eng.slots) + [s for s in eng.seen if s not in eng.slots]
+    for key in keys:
+        if not isinstance(key, str):
+            raise ValueError(f"plan keys are site names or glob patterns (str), got {key!r}")
+        if _is_pattern(key):
+            ok = any(fnmatch.fnmatchcase(n, key) for n in known) or (":" in key and not eng.seen)
+        else:
+            ok = key in eng.slots or key in eng.seen or _could_be_op_site(eng, key)
+        if not ok:
+            raise ValueError(_no_match(eng, key, known))
+
+
+def _no_match(eng: Engine, key: str, known: list[str]) -> str:
+    if key in eng.modules:
+        mod = eng.modules[key]
+        inner = [n for n in known if n.startswith(key + ".") or n.startswith(key + ":")] if key else known
+        hint = f"; use the pattern {key + '*'!r} for the {len(inner)} sites inside it" if inner else ""
+        if any(True for _ in mod.parameters(recurse=False)):
+            return (f"{key!r} is a {type(mod).__name__} without weight sites (its parameters have one "
+                    f"dimension: biases and norms stay full precision){hint}")
+        return f"{key!r} is a {type(mod).__name__} without weights of its own, not a site{hint}"
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.4)
+    near = f"; closest sites: {', '.join(close)}" if close else ""
+    sample = ", ".join(known[:6]) + (", …" if len(known) > 6 else "")
+    later = "" if eng.seen else "; op sites (module:op.i) are known once the model has run: bw.sites lists them"
+    return f"{key!r} matches no site{near} (sites: {sample}{later})"
+
+
+class _resolver:  # noqa: N801 (a picklable closure: wrapped models pickle)
+    """A site's spec under a plan: the exact name, else the last pattern matching it."""
+
+    def __init__(self, plan: Mapping[str, QuantSpec]) -> None:
+        self.plan = dict(plan)
+        self.patterns = [(k, s) for k, s in plan.items() if _is_pattern(k)][::-1]  # the later one wins
+
+    def __call__(self, site: str) -> QuantSpec:
+        spec = self.plan.get(site)
+        if spec is None:
+            spec = next((s for k, s in self.patterns if fnmatch.fnmatchcase(site, k)), _EMPTY)
+        return spec
+
+
+def _specs(eng: Engine, plan: Plan) -> dict[str, QuantSpec]:
+    if not isinstance(plan, Mapping):
+        raise ValueError(f"a plan maps site names or glob patterns to specs, got {type(plan).__name__}")
+    specs = {key: as_spec(value) for key, value in plan.items()}
+    _check_keys(eng, specs)
+    return specs
+
+
 def resolve_plan(model: nn.Module, plan: Plan) -> dict[str, QuantSpec]:
-    """The spec of every covered layer under ``plan``.
+    """The spec of every known site under ``plan``: weight sites, and op sites already seen.
 
     An exact name beats any pattern; among patterns the later one wins. Keys that match
-    no covered layer raise ``ValueError`` naming the closest real names.
+    no site raise ``ValueError`` naming the closest real names.
 
     >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     >>> resolve_plan(m, {"*": "int8", "1": "int4"})["1"].weight.name
     'int4'
     """
-    if not isinstance(plan, Mapping):
-        raise ValueError(f"a plan maps layer names or glob patterns to specs, got {type(plan).__name__}")
-    layers = covered_layers(model)
-    specs = {key: as_spec(value) for key, value in plan.items()}
-    all_modules = dict(model.named_modules())
-    for key in specs:
-        if _is_pattern(key):
-            if not any(fnmatch.fnmatchcase(n, key) for n in layers):
-                raise ValueError(_no_match(key, layers, all_modules))
-        elif key not in layers:
-            raise ValueError(_no_match(key, layers, all_modules))
-    patterns = [(k, s) for k, s in specs.items() if _is_pattern(k)]
-    resolved = {}
-    for name in layers:
-        spec = specs.get(name)
-        if spec is None:
-            for key, s in reversed(patterns):
-                if fnmatch.fnmatchcase(name, key):
-                    spec = s
-                    break
-        resolved[name] = spec or _EMPTY
-    return resolved
-
-
-def _no_match(key: str, layers: Mapping[str, nn.Module], modules: Mapping[str, nn.Module]) -> str:
-    covered = ", ".join(t.__name__ for t in COVERED)
-    if key in modules:
-        mod = modules[key]
-        what = type(mod).__name__
-        if any(True for _ in mod.parameters(recurse=False)):
-            return f"layer {key!r} is a {what}, which bitwidth does not quantize; covered types: {covered}"
-        inner = [n for n in layers if n.startswith(key + ".")] if key else list(layers)
-        hint = f"; use the pattern {key + '.*'!r} for the {len(inner)} layers inside it" if inner else ""
-        return f"{key!r} is a {what} without weights of its own, not a quantizable layer{hint}"
-    close = difflib.get_close_matches(key, list(layers), n=3, cutoff=0.4)
-    near = f"; closest layer names: {', '.join(close)}" if close else ""
-    sample = ", ".join(list(layers)[:6]) + (", …" if len(layers) > 6 else "")
-    return f"{key!r} matches no quantizable layer{near} (layers: {sample}; covered types: {covered})"
+    eng = engine_of(model) or Engine(model)
+    resolve = _resolver(_specs(eng, plan))
+    return {name: resolve(name) for name in [*eng.slots, *(s for s in eng.seen if s not in eng.slots)]}
 
 
 def wrap(model: nn.Module, plan: Plan | None = None) -> nn.Module:
-    """Wrap every covered layer of ``model`` in place and apply ``plan`` (default: none).
+    """Attach fake quantization to every site of ``model`` in place and apply ``plan`` (default: none).
 
-    Layers the plan does not name stay at full precision but are wrapped, so
-    :func:`set_plan` can change any of them later without re-wrapping.
+    Sites the plan does not name stay at full precision, so :func:`set_plan` can change
+    any of them later. A model with no plan in force runs exactly as before.
     """
-    specs = resolve_plan(model, plan or {})
-    for name, module in covered_layers(model).items():
-        if not is_wrapped(module):
-            cls = _REGISTRY[type(module)]
-            module.__class__ = cls
-            module._bw = _LayerState(weight_axis=cls._bw_axis)  # type: ignore[attr-defined]
-        module._bw.spec = specs[name]  # type: ignore[union-attr]
-        module._bw.cache = None  # type: ignore[union-attr]
+    eng = engine_of(model)
+    if eng is None:
+        inner = [n for n, m in model.named_modules() if n and engine_of(m) is not None]
+        if inner:
+            raise ValueError(f"submodule {inner[0]!r} is wrapped on its own; unwrap it before wrapping the model")
+        eng = Engine(model)
+    specs = _specs(eng, plan or {})
+    model._bw_engine = eng  # a plain attribute: never in state_dict
+    for st in eng.states.values():
+        st.cache = None
+    eng.set_resolver(_resolver(specs))
     return model
 
 
+def _engine(model: nn.Module, what: str) -> Engine:
+    eng = engine_of(model)
+    if eng is None:
+        raise ValueError(f"{what} needs a wrapped model; call bitwidth.wrap(model, plan) first")
+    return eng
+
+
 def set_plan(model: nn.Module, plan: Plan) -> nn.Module:
-    """Reconfigure a wrapped model: layers not in ``plan`` go back to full precision.
+    """Reconfigure a wrapped model: sites not in ``plan`` go back to full precision.
 
     Cheap (no re-wrapping, calibration kept), so a search can call it for every trial.
     """
-    layers = quant_layers(model)
-    if not layers:
-        raise ValueError("set_plan needs a wrapped model; call bitwidth.wrap(model, plan) first")
-    specs = resolve_plan(model, plan)
-    for name, module in layers.items():
-        module._bw.spec = specs.get(name, _EMPTY)  # type: ignore[union-attr]
+    eng = _engine(model, "set_plan")
+    eng.set_resolver(_resolver(_specs(eng, plan)))
     return model
 
 
 def plan_of(model: nn.Module) -> dict[str, QuantSpec]:
-    """The plan in force: exact layer names to their non-empty specs."""
-    return {n: m._bw.spec for n, m in quant_layers(model).items() if not m._bw.spec.empty}  # type: ignore[union-attr]
+    """The plan in force: exact site names (weight sites, then op sites seen) to non-empty specs."""
+    eng = _engine(model, "plan_of") if is_wrapped(model) else None
+    if eng is None:
+        return {}
+    names = [*eng.slots, *(s for s in eng.seen if s not in eng.slots)]
+    return {n: eng.spec(n) for n in names if not eng.spec(n).empty}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Restore every wrapped layer to its original class; parameters are untouched."""
-    for module in quant_layers(model).values():
-        module.__class__ = _ORIGINAL[type(module)]
-        del module._bw
+    """Remove everything ``wrap`` attached; modules and parameters are untouched."""
+    eng = engine_of(model)
+    if eng is not None:
+        eng.remove_hooks()
+        del model._bw_engine
     return model
 
 
@@ -368,14 +255,14 @@ def calibrate(
     """Observe activation ranges over ``batches`` so integer activations use static scales.
 
     A batch may be a tensor or a tuple whose first item is the input. The statistics
-    (min, max and a bounded sample) do not depend on the plan, so they survive
+    (min, max and a bounded sample per site) do not depend on the plan, so they survive
     :func:`set_plan`; every integer activation format picks its scale from them.
     """
-    layers = quant_layers(model)
-    if not layers:
-        raise ValueError("calibrate needs a wrapped model; call bitwidth.wrap(model, plan) first")
-    for m in layers.values():
-        m._bw.calib, m._bw.observing = None, True  # type: ignore[union-attr]
+    eng = _engine(model, "calibrate")
+    for st in eng.states.values():
+        st.calib = None
+    eng.observing = True
+    eng.refresh()
     was_training = model.training
     model.eval()
     try:
@@ -386,8 +273,8 @@ def calibrate(
                 model(batch[0] if isinstance(batch, (tuple, list)) else batch)
     finally:
         model.train(was_training)
-        for m in layers.values():
-            m._bw.observing = False  # type: ignore[union-attr]
+        eng.observing = False
+        eng.refresh()
     return model
 
 

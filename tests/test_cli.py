@@ -128,4 +128,4 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path):
 
 def test_validate_checks_layer_patterns_against_the_model(capsys):
     assert main(["validate", str(ROOT / "configs/quickstart.yaml"), "--set", "search.layers=[conv1, fc3]"]) == 2
-    assert "'fc3' matches no quantizable layer; closest layer names: fc2" in capsys.readouterr().err
+    assert "'fc3' matches no site; closest sites: fc2" in capsys.readouterr().err

@@ -219,7 +219,7 @@ def test_several_seeds_judge_the_mean_and_store_one_trial_per_seed(tmp_path):
     ({"kinds": ("gradient",)}, "only in mode 'train'"),
     ({"strategy": "random"}, "allowed"),
     ({"family": "posit"}, "allowed"),
-    ({"layers": "conv9"}, r"matches no quantizable layer \(layers: 0, 2"),
+    ({"layers": "conv9"}, r"matches no site \(sites: 0, 2"),
     ({"seeds": ()}, "seeds"),
     ({"family_options": {"exponent": 4}}, "bad option"),
     ({"candidates": ()}, "candidates"),

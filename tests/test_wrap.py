@@ -10,6 +10,7 @@ from torch import nn
 
 import bitwidth as bw
 from bitwidth.formats import IntFormat
+from bitwidth.sites import engine_of
 from bitwidth.wrap import covered_layers, quant_layers
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -198,7 +199,7 @@ def test_static_activation_scale_after_calibration():
     big = torch.randn(8, 4) * 100  # far outside the calibrated range: clipped by the static scale
     absmax = max(b.abs().max() for b in calib)
     seen = []
-    model[0]._bw.taps.append(lambda kind, t: seen.append(t) if kind == "activation" else None)
+    engine_of(model).taps.append(lambda site, kind, t, q: seen.append(t) if kind == "activation" and q else None)
     model(big)
     # symmetric int8: scale = absmax / 127, codes -128..127
     assert torch.allclose(seen[0].max(), absmax) and torch.allclose(seen[0].min(), -absmax * 128 / 127)
@@ -212,13 +213,13 @@ def test_static_activation_scale_after_calibration():
 
 def test_errors_name_the_problem(resnet):
     model = copy.deepcopy(resnet)
-    with pytest.raises(ValueError, match="closest layer names: layer1.0.conv2, layer1.0.conv1"):
+    with pytest.raises(ValueError, match="closest sites: layer1.0.conv2, layer1.0.conv1"):
         bw.wrap(model, {"layer1.0.conv": "int4"})
-    with pytest.raises(ValueError, match="BatchNorm2d, which bitwidth does not quantize"):
+    with pytest.raises(ValueError, match="BatchNorm2d without weight sites"):
         bw.wrap(model, {"bn1": "int4"})
-    with pytest.raises(ValueError, match="'layer1.\\*'"):
+    with pytest.raises(ValueError, match="'layer1\\*'"):
         bw.wrap(model, {"layer1": "int4"})
-    with pytest.raises(ValueError, match="matches no quantizable layer"):
+    with pytest.raises(ValueError, match="matches no site"):
         bw.wrap(model, {"encoder.*": "int4"})
     with pytest.raises(ValueError, match="unknown format 'int4x'"):
         bw.wrap(model, {"*": "int4x"})

@@ -347,7 +347,8 @@ def pareto_table(trials: pd.DataFrame, records: Mapping[str, Mapping[str, Any]],
              **dict.fromkeys(ratio_cols, 1.0)}]
     sizes = summary.get("layer_costs")
     if sizes:
-        model = CostModel({name: LayerCost(int(v["params"]), int(v["macs"])) for name, v in sizes.items()})
+        model = CostModel({name: LayerCost(int(v["params"]), int(v["macs"]), bool(v.get("weightless", False)))
+                           for name, v in sizes.items()})
         full = model.of({})
         final = plan_label(joint_plan) if joint_plan is not None else None
         iso = _isolated(trials)
