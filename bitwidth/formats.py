@@ -38,7 +38,7 @@ FORMAT_FORMS = (
     "int<2..32>",
     "uint<1..32>",
     "fixed<bits>_<frac>",
-    "e<E>m<M>",
+    "e<E>m<M> (E 2..8, M 0..23)",
     "e4m3 e5m2 e2m3 e3m2 e2m1 (OCP maxima)",
     "fp16",
     "bf16",
@@ -102,12 +102,22 @@ class IntFormat:
     def qparams(self, x: Tensor, axis: int | None = None) -> tuple[Tensor, Tensor]:
         """Scale and zero point for ``x`` (per channel along ``axis`` when granular).
 
+        Computed in float32, or float64 for float64 ``x``; always positive and finite.
+        Empty ``x`` (or empty channels) get scale 1. A 0-dim ``x`` gets a scalar scale.
+
         >>> IntFormat(8).qparams(torch.tensor([-2.54, 1.0]))[0]
         tensor(0.0200)
         """
-        x = x.detach().float()
-        if self.granularity == "channel" and axis is not None and x.dim() > 0:
-            x = x.movedim(axis, 0).reshape(x.shape[axis], -1)  # (channels, rest)
+        F._check_input(x)
+        # float64 data keeps float64 scales: its range may lie far beyond float32's
+        x = x.detach() if x.dtype == torch.float64 else x.detach().float()
+        channel = self.granularity == "channel" and axis is not None and x.dim() > 0
+        if channel:
+            if not -x.dim() <= axis < x.dim():
+                raise ValueError(f"axis must be in {-x.dim()}..{x.dim() - 1} for a {x.dim()}-dim tensor, got {axis}")
+            c = x.shape[axis]
+            # (channels, rest), sizes explicit so that empty tensors reshape too
+            x = x.movedim(axis, 0).reshape(c, x.numel() // c if c else 0)
         else:
             x = x.reshape(1, -1)
         lo, hi = self._range(x)
@@ -115,17 +125,20 @@ class IntFormat:
             hi = torch.maximum(-lo, hi)
             scale = hi / self.qmax  # the max maps onto the largest code, never clipped
         else:
-            scale = (hi - lo) / (self.qmax - self.qmin)
+            n = self.qmax - self.qmin
+            span = hi - lo  # overflows only for ranges wider than the dtype's max: then divide first
+            scale = torch.where(torch.isfinite(span), span / n, hi / n - lo / n)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         if self.scale == "pow2":
-            scale = torch.exp2(torch.ceil(torch.log2(scale)))
+            top = 1023 if x.dtype == torch.float64 else 127  # the largest power of two the dtype holds
+            scale = torch.exp2(torch.ceil(torch.log2(scale)).clamp(max=top))
         if self.symmetric:
             zp = torch.zeros_like(scale)
         else:
             zp = (self.qmin - torch.round(lo / scale)).clamp(self.qmin, self.qmax)
         if self.scale == "mse":
             scale = self._mse_search(x, scale, zp)
-        if self.granularity == "tensor" or axis is None:
+        if not channel:  # a 0-dim tensor is one channel: its scale is a scalar
             return scale.reshape(()), zp.reshape(())
         return scale.reshape(-1), zp.reshape(-1)
 
@@ -152,7 +165,7 @@ class IntFormat:
         for ratio in torch.linspace(1.0, 0.2, 32).tolist():
             # Shrinking both ends of the range by the same ratio keeps the zero point.
             s = scale * ratio
-            q = F.quantize_int(x, s, zp, self.qmin, self.qmax, axis=0)  # x is (rows, n)
+            q = F._quantize_int(x, s, zp, self.qmin, self.qmax, 0, "nearest", None)  # x is (rows, n)
             err = (q - x).pow(2).mean(dim=1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
@@ -167,10 +180,20 @@ class IntFormat:
         qparams: tuple[Tensor, Tensor] | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Fake-quantize ``x`` with scale from ``qparams`` or, by default, from ``x`` itself."""
-        scale, zp = qparams if qparams is not None else self.qparams(x, axis)
+        """Fake-quantize ``x`` with scale from ``qparams`` or, by default, from ``x`` itself.
+
+        ``x`` must be a float16, bfloat16, float32 or float64 tensor (else ``ValueError``).
+        """
+        F._check_input(x)
+        if qparams is not None:  # from outside: checked like any scale
+            scale, zp = qparams
+            ax = axis if scale.dim() > 0 or zp.dim() > 0 else None
+            return F.quantize_int(x, scale, zp, self.qmin, self.qmax, axis=ax, rounding=self.rounding,
+                                  generator=generator)
+        scale, zp = self.qparams(x, axis)  # positive and finite by construction: no sync to check them
         ax = axis if scale.dim() > 0 else None
-        return F.quantize_int(x, scale, zp, self.qmin, self.qmax, axis=ax, rounding=self.rounding, generator=generator)
+        wd = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return F._quantize_int(x, scale.to(wd), zp.to(wd), self.qmin, self.qmax, ax, self.rounding, generator)
 
 
 @dataclass(frozen=True)
@@ -223,14 +246,20 @@ class FloatFormat:
     rounding: str = "nearest"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.exp, int) or not 1 <= self.exp <= 8:
-            raise ValueError(f"float exponent bits must be an integer in 1..8, got {self.exp!r}")
+        # One exponent bit has no normal numbers once the top exponent is reserved: e1m1
+        # would be {0, 1} under a maximum of 1.5. int/fixed formats give such uniform grids.
+        if not isinstance(self.exp, int) or not 2 <= self.exp <= 8:
+            raise ValueError(f"float exponent bits must be an integer in 2..8, got {self.exp!r}")
         if not isinstance(self.man, int) or not 0 <= self.man <= 23:
             raise ValueError(f"float mantissa bits must be an integer in 0..23, got {self.man!r}")
         _choice("rounding", self.rounding, F.ROUNDINGS)
-        mv = F.float_max_value(self.exp, self.man) if self.max_value is None else float(self.max_value)
+        try:
+            mv = F.float_max_value(self.exp, self.man) if self.max_value is None else float(self.max_value)
+        except (TypeError, ValueError):
+            raise ValueError(f"max_value must be a positive finite number, got {self.max_value!r}") from None
         if not mv > 0 or math.isinf(mv):
             raise ValueError(f"max_value must be a positive finite number, got {self.max_value!r}")
+        F.float_grid_check(self.exp, self.man, mv, self.subnormals)  # saturation must land on the grid
         object.__setattr__(self, "max_value", mv)
 
     @property

@@ -7,6 +7,11 @@ value moved to the nearest point of the format's grid (or to a random neighbour,
 Gradients follow the straight-through estimator: the gradient passes unchanged where
 the input was inside the representable range and is zero where it was clipped.
 
+Inputs must be float16, bfloat16, float32 or float64 tensors (anything else raises
+``ValueError``: integers would be truncated, complex numbers lose their imaginary part).
+The arithmetic runs in float32, or in float64 for float64 input, so float64 values beyond
+float32's range keep their precision. Empty tensors give empty tensors of the same shape.
+
 >>> import torch
 >>> quantize_fixed(torch.tensor([0.3, 5.0]), bits=4, frac=2)
 tensor([0.2500, 1.7500])
@@ -14,6 +19,7 @@ tensor([0.2500, 1.7500])
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -22,7 +28,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DTYPES",
     "ROUNDINGS",
+    "float_grid_check",
     "float_max_value",
     "quantize_fixed",
     "quantize_float",
@@ -31,6 +39,8 @@ __all__ = [
 ]
 
 ROUNDINGS = ("nearest", "stochastic")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_F32_MAX = torch.finfo(torch.float32).max
 
 # Tensors at least this large (16 MB of float32) go through kernels fused by torch.compile:
 # one pass over memory instead of five. Smaller ones stay eager: there the saving is
@@ -43,6 +53,15 @@ _fuse = {"enabled": os.environ.get("BITWIDTH_COMPILE", "1") != "0", "cache": {}}
 def _check_rounding(rounding: str) -> None:
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+
+
+def _check_input(x: Tensor) -> None:
+    """A quantizer's input must be a tensor of one of :data:`DTYPES` (an attribute check: free)."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"quantizers take a torch.Tensor, got {type(x).__name__}")  # noqa: TRY004
+    if x.dtype not in DTYPES:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in DTYPES)
+        raise ValueError(f"quantizers take floating-point tensors ({allowed}), got {x.dtype}")
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -99,8 +118,10 @@ def _int_grad(g: Tensor, x: Tensor, scale: Tensor, zp: Tensor, qmin: Tensor, qma
     return torch.where((code >= qmin) & (code <= qmax), g, 0.0)
 
 
-def _pow2(k: Tensor) -> Tensor:
-    """Exact float32 powers of two for integer exponents in [-149, 127], built from bits."""
+def _pow2(k: Tensor, dtype: torch.dtype) -> Tensor:
+    """Exact powers of two for integer exponents in [-149, 127] (float32) or [-149, 1023] (float64), built from bits."""
+    if dtype == torch.float64:  # -149 is a normal float64 exponent: no subnormal case
+        return ((k + 1023) << 52).view(torch.float64)
     normal = (k + 127).clamp(min=0) << 23
     sub = torch.ones_like(k) << (k + 149).clamp(0, 22)
     return torch.where(k >= -126, normal, sub).view(torch.float32)
@@ -109,19 +130,25 @@ def _pow2(k: Tensor) -> Tensor:
 def _float_kernel(
     x: Tensor, man: Tensor, emin: Tensor, kmin: Tensor, max_value: Tensor, noise: Tensor | None
 ) -> Tensor:
-    xf = x.to(torch.float32)
+    wd = _wd(x)
+    xf = x.to(wd)
     a = xf.abs()
-    e = (a.view(torch.int32) >> 23) - 127  # floor(log2|x|) for normal float32
-    e = torch.minimum(torch.maximum(e, emin), torch.full_like(e, 127))
+    # floor(log2|x|) for normal values, read from the exponent field; in float64 for float64
+    # input, since rounding it to float32 first would round twice (and overflow past 3.4e38).
+    if wd == torch.float64:
+        e, top = (a.view(torch.int64) >> 52) - 1023, 1023
+    else:
+        e, top = (a.view(torch.int32) >> 23) - 127, 127
+    e = torch.minimum(torch.maximum(e, emin), torch.full_like(e, top))
     # Below the smallest normal the step is fixed: 2**kmin (subnormal step, or min normal).
     k = torch.where(e > emin, e - man, kmin)
-    step = _pow2(k)
+    step = _pow2(k, wd)
     q = _rnd(a / step, noise) * step
     return torch.minimum(q, max_value).copysign(xf).to(x.dtype)
 
 
 def _float_grad(g: Tensor, x: Tensor, man: Tensor, emin: Tensor, kmin: Tensor, max_value: Tensor) -> Tensor:
-    return torch.where(x.to(torch.float32).abs() <= max_value, g, 0.0)
+    return torch.where(x.to(_wd(x)).abs() <= max_value, g, 0.0)
 
 
 def _kernel(fn):
@@ -179,6 +206,63 @@ def _as_param(v: Tensor | float, dtype: torch.dtype, device: torch.device) -> Te
     return v.to(device=device, dtype=dtype) if isinstance(v, Tensor) else torch.tensor(v, dtype=dtype, device=device)
 
 
+# The positive finite range of a scale in each working precision (smallest subnormal to max).
+_SCALE_RANGE = {d: (torch.finfo(d).smallest_normal * torch.finfo(d).eps, torch.finfo(d).max)
+                for d in (torch.float32, torch.float64)}
+
+
+def _check_qparams(scale: Tensor | float, zero_point: Tensor | int, s: Tensor, zp: Tensor, wd: torch.dtype) -> None:
+    """Scales must be positive and finite in the working precision, zero points finite.
+
+    A number is checked on the host; a tensor costs one reduction (a sync on an accelerator).
+    """
+    if isinstance(scale, Tensor) or isinstance(zero_point, Tensor):
+        ok = bool((torch.isfinite(s) & (s > 0)).all() & torch.isfinite(zp).all())
+    else:
+        lo, hi = _SCALE_RANGE[wd]
+        ok = lo <= scale <= hi and math.isfinite(zero_point)
+    if not ok:
+        raise ValueError(
+            f"scale must be positive and finite in {str(wd).removeprefix('torch.')} and zero_point finite, "
+            f"got scale={scale!r}, zero_point={zero_point!r}"
+        )
+
+
+def _channel_layout(x: Tensor, s: Tensor, zp: Tensor, axis: int | None) -> tuple[tuple[int, ...], Tensor, Tensor]:
+    """The kernel's view of ``x`` and the matching shapes of scale and zero point."""
+    if axis is None and s.dim() == 0 and zp.dim() == 0:  # the common case, kept to attribute checks
+        return (-1,), s, zp
+    per_channel = s.numel() != 1 or zp.numel() != 1  # zero channels (empty x) are per channel too
+    if axis is not None:
+        # A 0-dim tensor accepts axis 0 or -1 (as torch's reductions do); it is one channel.
+        ndim = max(x.dim(), 1)
+        if not -ndim <= axis < ndim:
+            raise ValueError(f"axis must be in {-ndim}..{ndim - 1} for a {x.dim()}-dim tensor, got {axis}")
+    if not per_channel or x.dim() == 0:
+        if per_channel:
+            raise ValueError(f"a 0-dim tensor has one channel, got {s.numel()} scales and {zp.numel()} zero points")
+        return (-1,), s.reshape(()), zp.reshape(())
+    if axis is None:
+        raise ValueError(f"{s.numel()} scales and {zp.numel()} zero points need an axis (per-channel), got axis=None")
+    axis %= x.dim()
+    c = x.shape[axis]
+    if s.numel() not in (1, c) or zp.numel() not in (1, c):
+        raise ValueError(f"axis {axis} has {c} channels, got {s.numel()} scales and {zp.numel()} zero points")
+    # (outer, channel, inner), all sizes explicit so that empty tensors reshape too
+    flat = (math.prod(x.shape[:axis]), c, math.prod(x.shape[axis + 1:]))
+    return flat, s.reshape(1, -1, 1), zp.reshape(1, -1, 1)
+
+
+def _quantize_int(
+    x: Tensor, s: Tensor, zp: Tensor, qmin: int, qmax: int, axis: int | None, rounding: str, generator
+) -> Tensor:
+    """:func:`quantize_int` on parameters already in the working precision and checked."""
+    wd, dev = s.dtype, x.device
+    flat, s, zp = _channel_layout(x, s, zp, axis)
+    params = (s, zp, _as_param(qmin, wd, dev), _as_param(qmax, wd, dev))
+    return _run(_int_kernel, _int_grad, x, params, rounding, generator, flat)
+
+
 def quantize_int(
     x: Tensor,
     scale: Tensor | float,
@@ -193,6 +277,10 @@ def quantize_int(
     """Affine integer fake quantization: ``(clamp(round(x/scale) + zp, qmin, qmax) - zp) * scale``.
 
     ``scale`` and ``zero_point`` are scalars, or 1-d tensors along ``axis`` (per channel).
+    Scales must be positive and finite (in float32, or float64 for float64 input) and zero
+    points finite, else ``ValueError``: an infinite scale has no grid (it gives NaN), a zero
+    or negative one none that rounds toward ``x``. A 0-dim ``x`` is one channel, so it
+    accepts ``axis`` 0 or -1 with a single scale.
     Agrees with ``torch.fake_quantize_per_tensor_affine`` except where ``x/scale`` lies
     within one float ulp of a tie: torch multiplies by ``1/scale`` instead of dividing,
     so its code can differ by one step there.
@@ -200,20 +288,14 @@ def quantize_int(
     >>> quantize_int(torch.tensor([0.26, -3.0]), 0.5, 0, -4, 3)
     tensor([ 0.5000, -2.0000])
     """
+    _check_input(x)
     _check_rounding(rounding)
     if qmin >= qmax:
         raise ValueError(f"qmin must be below qmax, got qmin={qmin}, qmax={qmax}")
     wd, dev = _wd(x), x.device
     s, zp = _as_param(scale, wd, dev), _as_param(zero_point, wd, dev)
-    if s.dim() > 0 and axis is not None:
-        axis = axis % x.dim()
-        pre = math.prod(x.shape[:axis])
-        flat: tuple[int, ...] = (pre, x.shape[axis], -1)  # (outer, channel, inner)
-        s, zp = s.reshape(1, -1, 1), zp.reshape(1, -1, 1)
-    else:
-        flat = (-1,)
-    params = (s, zp, _as_param(qmin, wd, dev), _as_param(qmax, wd, dev))
-    return _run(_int_kernel, _int_grad, x, params, rounding, generator, flat)
+    _check_qparams(scale, zero_point, s, zp, wd)
+    return _quantize_int(x, s, zp, qmin, qmax, axis, rounding, generator)
 
 
 def quantize_fixed(
@@ -245,8 +327,48 @@ def float_max_value(exp: int, man: int) -> float:
     >>> float_max_value(4, 3), float_max_value(5, 2)
     (240.0, 57344.0)
     """
+    _check_float_bits(exp, man)
     bias = 2 ** (exp - 1) - 1
     return (2.0 - 2.0**-man) * 2.0 ** (2**exp - 2 - bias)
+
+
+def _check_float_bits(exp: int, man: int) -> None:
+    # One exponent bit leaves no normal numbers once the top exponent is reserved (e1m1
+    # would be {0, 1} with a maximum of 1.5 off that grid); int/fixed formats cover that case.
+    if not (2 <= exp <= 8 and 0 <= man <= 23):
+        raise ValueError(f"float formats need 2 <= exp <= 8 and 0 <= man <= 23, got e{exp}m{man}")
+
+
+def float_grid_check(exp: int, man: int, max_value: float, subnormals: bool = True) -> None:
+    """Raise ``ValueError`` unless ``max_value`` is a value of the ExMy grid, so saturation stays on it.
+
+    The grid here uses every exponent (OCP formats such as e4m3 with 448 do), within
+    float32's range (the quantizers' grids never exceed it).
+
+    >>> float_grid_check(4, 3, 448.0)
+    >>> float_grid_check(4, 3, 300.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: max_value 300.0 is not a value of e4m3 (the neighbours are 288.0 and 320.0)
+    """
+    _check_float_bits(exp, man)
+    if not (isinstance(max_value, (int, float)) and 0 < max_value <= _F32_MAX):
+        raise ValueError(f"max_value must be a positive number up to float32's max, got {max_value!r}")
+    bias = 2 ** (exp - 1) - 1
+    emin, emax = 1 - bias, 2**exp - 1 - bias
+    e = max(math.frexp(max_value)[1] - 1, emin)  # exponent of the binade holding max_value
+    step = 2.0 ** (e - man)
+    lower = math.floor(max_value / step) * step
+    ok = e <= emax and lower == max_value and (subnormals or max_value >= 2.0**emin)
+    if not ok:
+        hint = f" (the neighbours are {lower} and {lower + step})" if e <= emax else ""
+        raise ValueError(f"max_value {max_value} is not a value of e{exp}m{man}{hint}")
+
+
+_grid_checked = functools.lru_cache(maxsize=256)(float_grid_check)  # per call: a dict lookup
+
+# dtype -> (its largest finite value, that value's binary exponent), for dtypes narrower than float32
+_HALF_TOPS = {d: (torch.finfo(d).max, math.frexp(torch.finfo(d).max)[1] - 1) for d in (torch.float16, torch.bfloat16)}
 
 
 def quantize_float(
@@ -263,23 +385,32 @@ def quantize_float(
 
     Rounds half to even; magnitudes above ``max_value`` (default: IEEE-style, top exponent
     reserved) saturate to it. Without ``subnormals`` the values below the smallest normal
-    round to zero or to the smallest normal.
+    round to zero or to the smallest normal. ``exp`` is 2..8 and ``man`` 0..23; a
+    ``max_value`` must be on the grid (see :func:`float_grid_check`).
 
     >>> quantize_float(torch.tensor([0.3, 1000.0]), 4, 3)
     tensor([  0.3125, 240.0000])
     """
+    _check_input(x)
     _check_rounding(rounding)
-    if not (1 <= exp <= 8 and 0 <= man <= 23):
-        raise ValueError(f"float formats need 1 <= exp <= 8 and 0 <= man <= 23, got e{exp}m{man}")
     if max_value is None:
         max_value = float_max_value(exp, man)
+    else:
+        max_value = float(max_value)
+        _grid_checked(exp, man, max_value, subnormals)
     emin = 2 - 2 ** (exp - 1)  # exponent of the smallest normal
-    dev = x.device
+    top = _HALF_TOPS.get(x.dtype)
+    if top is not None and max_value > top[0]:
+        # Rounding up past a half type's max would return inf: saturate at the largest grid value it holds.
+        step = 2.0 ** (top[1] - man)
+        max_value = math.floor(top[0] / step) * step
+    wd, dev = _wd(x), x.device
+    it = torch.int64 if wd == torch.float64 else torch.int32  # the kernel's exponent arithmetic
     params = (
-        _as_param(man, torch.int32, dev),
-        _as_param(emin, torch.int32, dev),
-        _as_param(emin - man if subnormals else emin, torch.int32, dev),
-        _as_param(max_value, torch.float32, dev),
+        _as_param(man, it, dev),
+        _as_param(emin, it, dev),
+        _as_param(emin - man if subnormals else emin, it, dev),
+        _as_param(max_value, wd, dev),
     )
     return _run(_float_kernel, _float_grad, x, params, rounding, generator, (-1,))
 

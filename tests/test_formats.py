@@ -34,7 +34,8 @@ def test_full_precision_is_none(name):
 
 
 @pytest.mark.parametrize("bad,match", [("int1", "2..32"), ("int33", "2..32"), ("float8", "allowed forms"),
-                                       ("e9m2", "1..8"), ("e4m30", "0..23"), ("fixed1_0", "2..32"), ("", "allowed")])
+                                       ("e9m2", "2..8"), ("e1m1", "2..8"), ("e1m0", "2..8"), ("e4m30", "0..23"),
+                                       ("fixed1_0", "2..32"), ("", "allowed")])
 def test_bad_names_raise_with_allowed_forms(bad, match):
     with pytest.raises(ValueError, match=match):
         parse_format(bad)
