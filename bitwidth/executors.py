@@ -12,10 +12,15 @@ come back as they finish; only the caller writes them to the trial store.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import logging
 import multiprocessing as mp
 import os
 import pickle
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["Done", "Executor", "LocalExecutor", "ProcessExecutor", "RayExecutor", "make_executor", "start_local_ray",
-           "EXECUTORS"]
+           "local_ray_init_kwargs", "EXECUTORS"]
 
 EXECUTORS = ("local", "process", "ray")
 
@@ -95,8 +100,45 @@ class LocalExecutor(Executor):
 
 _WORKER: dict[str, Any] = {}
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_WATCH_INTERVAL_S = 0.5
 
-def _init_worker(context_bytes: bytes, threads: int, slots: Any, gpus: int) -> None:
+
+def _die_with_parent(parent: int, kernel: bool) -> None:
+    """Make this worker exit when the driver ``parent`` dies, however it dies (SIGKILL too).
+
+    A killed driver runs no cleanup, so nothing would stop its workers: they would live
+    on, reparented to init, holding their memory. Two guards: on Linux, when ``kernel``,
+    ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` has the kernel kill the worker the moment its
+    parent goes (it fires when the parent *thread* that forked it ends, so the driver
+    asks for it only when that is its main thread); and everywhere a daemon thread
+    that exits the worker within half a second of its parent pid changing.
+    """
+    if kernel and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl here: the watchdog still works
+            pass
+    if os.getppid() != parent:  # the driver died before the guards were up
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(_WATCH_INTERVAL_S)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="bitwidth-parent-watchdog", daemon=True).start()
+
+
+def _init_worker(context_bytes: bytes, threads: int, slots: Any, gpus: int, parent: int = 0,
+                 kernel_guard: bool = False) -> None:
+    if parent:
+        _die_with_parent(parent, kernel_guard)
     import torch
 
     if gpus:
@@ -124,6 +166,7 @@ class ProcessExecutor(Executor):
 
     Each worker limits torch to ``threads`` intra-op threads, so N workers use N cores
     without oversubscription. The context is pickled once per worker by the initializer.
+    Workers die with this process, even when it is killed (see :func:`_die_with_parent`).
     """
 
     def __init__(self, workers: int | None = None, threads: int = 1, gpus: int | None = None) -> None:
@@ -143,7 +186,10 @@ class ProcessExecutor(Executor):
             slots.put(i)
         self._pool = ProcessPoolExecutor(
             self.workers, mp_context=ctx, initializer=_init_worker,
-            initargs=(pickle.dumps(context), self.threads, slots, self.gpus),
+            # The pool forks its workers from the thread that submits (this one): the kernel's
+            # parent-death signal is safe only when that thread lives as long as the process.
+            initargs=(pickle.dumps(context), self.threads, slots, self.gpus, os.getpid(),
+                      threading.current_thread() is threading.main_thread()),
         )
         self._context_id = id(context)
         return self._pool
@@ -291,15 +337,80 @@ class RayExecutor(Executor):
                 self._started_here = False
 
 
-def start_local_ray(num_cpus: int) -> Any:
-    """Start a private Ray instance on this machine (no dashboard); returns the ``ray`` module.
+LOOPBACK = "127.0.0.1"
 
-    Its workers see this process's import path, so user task modules import there too.
+
+def local_ray_init_kwargs(num_cpus: int) -> dict[str, Any]:
+    """The ``ray.init`` arguments of :func:`start_local_ray`: a private instance reachable only from here.
+
+    >>> kw = local_ray_init_kwargs(2)
+    >>> kw["_node_ip_address"], kw["include_dashboard"], kw["dashboard_host"]
+    ('127.0.0.1', False, '127.0.0.1')
+    """
+    return {
+        "num_cpus": num_cpus,
+        # Every server of the instance (GCS, raylet, object manager, workers, agents) binds
+        # to the node address; the loopback one keeps them off the network.
+        "_node_ip_address": LOOPBACK,
+        "include_dashboard": False,
+        "dashboard_host": LOOPBACK,  # in case a Ray version starts it anyway
+        "log_to_driver": False,
+        "configure_logging": False,
+        # Its workers see this process's import path, so user task modules import there too.
+        "runtime_env": {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}},
+    }
+
+
+@contextlib.contextmanager
+def _ray_loopback_only() -> Iterator[None]:
+    """Let Ray keep the loopback node address while it starts an instance.
+
+    ``ray.init`` replaces a node address of 127.0.0.1 by this machine's network address
+    (so other nodes could join), and its servers then listen on every interface, unless
+    "clusters" are disabled: the switch Ray itself uses on macOS and Windows
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read into ``ray_constants.ENABLE_RAY_CLUSTER``).
+    It is set only while this instance starts (its processes inherit it), then restored,
+    so a later ``ray.init(address=...)`` in this process joins clusters as usual.
+    """
+    name = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    before_env = os.environ.get(name)
+    try:
+        constants: Any = importlib.import_module("ray._private.ray_constants")
+    except ImportError:  # another layout: the environment variable alone must do
+        constants = None
+    before_const = getattr(constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ[name] = "0"
+    if before_const is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if before_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before_env
+        if before_const is not None:
+            constants.ENABLE_RAY_CLUSTER = before_const
+
+
+def start_local_ray(num_cpus: int) -> Any:
+    """Start a private Ray instance on this machine; returns the ``ray`` module.
+
+    It listens on 127.0.0.1 only, with no dashboard: nothing of it is reachable from
+    the network. Its workers see this process's import path, so user task modules
+    import there too. To use a cluster instead, give :class:`RayExecutor` an address.
     """
     ray = _import_ray()
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env=env)
+    with _ray_loopback_only():
+        ray.init(**local_ray_init_kwargs(num_cpus))
+    try:
+        node_ip = ray._private.worker._global_node.node_ip_address
+    except AttributeError:  # another Ray layout: nothing to check against
+        node_ip = LOOPBACK
+    if node_ip != LOOPBACK:
+        logging.getLogger("bitwidth.executors").warning(
+            "this Ray version put the local instance on %s, not %s: it may be reachable from the network",
+            node_ip, LOOPBACK)
     return ray
 
 

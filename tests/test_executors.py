@@ -1,6 +1,15 @@
 """Executors: same results everywhere, context once per worker, failures recorded, deaths survived."""
 
+import contextlib
 import importlib.util
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from executor_jobs import square_plus
@@ -69,3 +78,99 @@ def test_ray_matches_local_and_survives_a_dead_actor(ray_local):
     assert {i: d.value[0] for i, d in out.items()} == {i: 100 + i * i for i in items}
     assert died[1].lost and died[0].value[0] == 101 and died[2].value[0] == 109
     assert [again[0].value[0], again[1].value[0]] == [104, 109]
+
+
+# ----------------------------------------------------------------------------- workers die with their driver
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead, only not yet reaped
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("where, sig", [("main", signal.SIGKILL), ("main", signal.SIGTERM),
+                                        ("thread", signal.SIGKILL)])
+def test_workers_die_with_a_killed_driver(tmp_path, where, sig):
+    tests_dir = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests_dir), os.environ.get("PYTHONPATH", "")])}
+    driver = subprocess.Popen([sys.executable, "-c", f"import orphan_driver; orphan_driver.main({str(tmp_path)!r}, "
+                               f"{where!r})"], env=env)
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(pids) < 2 and time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.05)
+            pids = [int(p.stem) for p in tmp_path.glob("*.pid")]
+        assert len(pids) == 2 and all(_running(p) for p in pids), "the workers did not start"
+        driver.send_signal(sig)
+        driver.wait(10)
+        deadline = time.monotonic() + 5
+        while any(_running(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in pids if _running(p)], "workers outlived their driver"
+    finally:
+        for p in [driver.pid, *pids]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        driver.wait()
+
+
+# ----------------------------------------------------------------------------- ray stays on this machine
+
+@pytest.mark.skipif(NO_RAY, reason="ray is not installed (pip install 'bitwidth[ray]')")
+def test_local_ray_is_started_on_loopback_without_dashboard(monkeypatch):
+    import ray
+    import ray._private.ray_constants as constants
+
+    from bitwidth.executors import start_local_ray
+
+    seen = {}
+
+    def fake_init(**kwargs):
+        seen.update(kwargs, env=os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"),
+                    cluster=constants.ENABLE_RAY_CLUSTER)
+
+    before = constants.ENABLE_RAY_CLUSTER
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    start_local_ray(3)
+    assert seen["_node_ip_address"] == "127.0.0.1" and seen["num_cpus"] == 3
+    assert seen["include_dashboard"] is False and seen["dashboard_host"] == "127.0.0.1"
+    # Ray turns a node address of 127.0.0.1 into the network one unless clusters are off while it starts.
+    assert seen["env"] == "0" and seen["cluster"] is False
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ and constants.ENABLE_RAY_CLUSTER == before
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" ", 1)
+            children.setdefault(int(rest.rsplit(")", 1)[1].split()[1]), []).append(int(pid))
+        except (OSError, ValueError, IndexError):
+            continue
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+@pytest.mark.skipif(NO_RAY or shutil.which("ss") is None, reason="needs ray and ss (iproute2)")
+def test_local_ray_listens_on_loopback_only(ray_local):
+    ray = ray_local
+    assert ray._private.worker._global_node.node_ip_address == "127.0.0.1"
+    ours = _descendants(os.getpid())
+    listening = []
+    for flags in ("-ltnpH", "-lunpH"):
+        for line in subprocess.run(["ss", flags], capture_output=True, text=True).stdout.splitlines():
+            pids = {int(p) for p in re.findall(r"pid=(\d+)", line)}
+            if pids & ours:
+                listening.append(line.split()[3])  # Local Address:Port
+    assert listening, "found no socket of the Ray processes"
+    loopback = ("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")
+    assert [a for a in listening if not a.startswith(loopback)] == []
