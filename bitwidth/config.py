@@ -9,6 +9,10 @@ A ten-line config works; everything else has a default::
 ``key=value`` overrides (``search.strategy=grid``) are applied before validation and
 validated the same way.
 
+Relative paths in a config (``out``, a ``path/to/file.py:callable`` model, a data
+``root`` or ``imagefolder:<path>``) are resolved from the current directory of the
+process that runs it, not from the config file's folder.
+
 >>> cfg = load_config(None, overrides=["search.candidates=[2,4,8]", "mode=ptq"])
 >>> cfg.search.candidates, cfg.criterion.name
 ([2, 4, 8], 'accuracy')
@@ -18,15 +22,37 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
+import re
+from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+if TYPE_CHECKING:
+    from .criteria import Criterion
 
 __all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "config_to_yaml", "variant_configs"]
 
 KIND_NAMES = ("weight", "activation", "gradient")
+# Counts (epochs, batches, workers...) fit a C int, which is what torch takes for them.
+MAX_COUNT = 2**31 - 1
+# Seeds stay below 2**32: a run derives per-epoch seeds from them (seed * 1_000_003 + epoch)
+# that must still fit torch's 64-bit generator seed.
+MAX_SEED = 2**32 - 1
+_NAME_CHARS = re.compile(r"[A-Za-z0-9._-]+")
+NAME_RULE = ("a plain directory name: ASCII letters, digits, '-', '_' and '.', not starting with '.', "
+             "without '..', at most 255 characters")
 
 
 class ConfigError(ValueError):
@@ -38,12 +64,54 @@ class ConfigError(ValueError):
         super().__init__(head + "\n" + "\n".join(f"  - {e}" for e in errors))
 
 
+def _integer(lo: int, hi: int, optional: bool = False) -> Any:
+    """An integer field in ``lo..hi``: floats (``2.5``, ``1.0e23``) and booleans are rejected,
+    so a value too big for torch is a config error, never an overflow at run time."""
+    top = {MAX_COUNT: "2**31 - 1", MAX_SEED: "2**32 - 1"}.get(hi, str(hi))
+
+    def check(v: Any) -> Any:
+        if v is None and optional:
+            return v
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ValueError(f"must be an integer in {lo}..{top}" + (" or null" if optional else ""))
+        return v
+
+    return Annotated[int | None if optional else int, BeforeValidator(check)]
+
+
+def _dir_name(v: Any) -> Any:
+    """``v`` if it is a plain directory name (the config's and each variant's name become one)."""
+    if not isinstance(v, str):
+        return v  # the type check reports it
+    why = ("is empty" if not v else "has '/'" if "/" in v else "has '\\'" if "\\" in v
+           else "starts with '.'" if v.startswith(".") else "has '..'" if ".." in v
+           else "is longer than 255 characters" if len(v) > 255
+           else "has other characters" if not _NAME_CHARS.fullmatch(v) else None)
+    if why:
+        raise ValueError(f"must be {NAME_RULE}; this one {why}")
+    return v
+
+
+DirName = Annotated[str, BeforeValidator(_dir_name)]
+Count = _integer(1, MAX_COUNT)
+CountOrZero = _integer(0, MAX_COUNT)
+CountOrNone = _integer(1, MAX_COUNT, optional=True)
+Bits = _integer(1, 32)
+Seed = _integer(0, MAX_SEED)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class TaskConfig(_Section):
-    """Which model on which data (see :func:`bitwidth.tasks.make_task`)."""
+    """Which model on which data (see :func:`bitwidth.tasks.make_task`).
+
+    ``model``: a built-in name, ``torchvision:<name>``, ``package.module:callable`` or
+    ``path/to/file.py:callable``. A relative file path here, in ``data: imagefolder:<path>``
+    or in ``options.root`` is resolved from the current directory of the run, not from the
+    config file's folder.
+    """
 
     model: str = "digits_cnn"
     data: str = "digits"
@@ -53,13 +121,13 @@ class TaskConfig(_Section):
 class TrainConfig(_Section):
     """Schedule of the fp32 baseline and of training-mode trials; calibration for ptq."""
 
-    epochs: int = Field(10, ge=1)
+    epochs: Count = 10
     lr: float = Field(0.05, gt=0)
-    batch_size: int = Field(32, ge=1)
+    batch_size: Count = 32
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    calib_batches: int = Field(4, ge=0)
+    calib_batches: CountOrZero = 4
     master_weights: Literal["fp32", "quantized"] = "fp32"
     diverge_factor: float = Field(10.0, gt=1)
     device: str = "cpu"
@@ -72,7 +140,7 @@ class SearchConfig(_Section):
     kinds: list[Literal["weight", "activation", "gradient"]] = Field(default_factory=lambda: ["weight", "activation"])
     family: str = "int"
     options: dict[str, Any] = Field(default_factory=dict)
-    candidates: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 8])
+    candidates: list[Bits] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 8])
     strategy: Literal["grid", "bisect"] = "bisect"
 
     @field_validator("candidates")
@@ -80,8 +148,6 @@ class SearchConfig(_Section):
     def _candidates(cls, v: list[int]) -> list[int]:
         if not v:
             raise ValueError("needs at least one bit width")
-        if any(b < 1 or b > 32 for b in v):
-            raise ValueError(f"bit widths must be in 1..32, got {v}")
         return sorted(set(v))
 
     @field_validator("kinds")
@@ -94,39 +160,57 @@ class SearchConfig(_Section):
 
 class CriterionConfig(_Section):
     """``accuracy``: metric >= baseline - max_drop; ``converge``: also no divergence and a final loss
-    within ``loss_tol`` of the baseline's."""
+    within ``loss_tol`` of the baseline's; ``loss``: validation loss <= baseline + max_rise (a
+    fraction of the baseline's loss unless ``relative: false``). Each takes the keys it knows.
 
-    name: Literal["accuracy", "converge"] | None = None  # None: accuracy for ptq, converge for train
+    >>> load_config(None, ["criterion={name: loss, max_rise: 0.1}"]).criterion.build()
+    LossCriterion(max_rise=0.1, relative=True, metric='loss')
+    """
+
+    name: Literal["accuracy", "converge", "loss"] | None = None  # None: accuracy for ptq, converge for train
     max_drop: float = Field(0.01, ge=0)
-    relative: bool = False
+    max_rise: float = Field(0.05, ge=0)
+    relative: bool | None = None  # None: true for loss, false otherwise
     loss_tol: float = Field(0.5, ge=0)
-    metric: str = "accuracy"
+    metric: str | None = None  # None: loss for the loss criterion, accuracy otherwise
+
+    def build(self) -> Criterion:
+        """The criterion this section describes (:func:`bitwidth.criteria.make_criterion`)."""
+        from dataclasses import fields
+
+        from .criteria import CRITERIA, make_criterion
+
+        name = self.name or "accuracy"
+        return make_criterion(name, **{f.name: getattr(self, f.name) for f in fields(CRITERIA[name])
+                                       if getattr(self, f.name) is not None})
 
 
 class ExecutorConfig(_Section):
     """Where trials run: ``local`` (serial), ``process`` (local cores), ``ray`` (a cluster)."""
 
     kind: Literal["local", "process", "ray"] = "local"
-    workers: int | None = Field(None, ge=1)
+    workers: CountOrNone = None
     address: str = "local"
-    threads: int = Field(1, ge=1)
+    threads: Count = 1
 
 
 class StatsConfig(_Section):
     """Distribution statistics recorded on the baseline for the report."""
 
     enabled: bool = True
-    batches: int = Field(4, ge=1)
+    batches: Count = 4
     kinds: list[Literal["weight", "activation", "gradient"]] | None = None  # default: the searched kinds
 
 
 class Config(_Section):
-    """A whole experiment."""
+    """A whole experiment. ``name`` (default: the config file's name) and each variant's name
+    become directory names, so each must be a plain one; ``out`` is a path, relative ones
+    from the current directory."""
 
-    name: str | None = None
+    name: DirName | None = None
     out: str | None = None  # run directory; default runs/<name>
     mode: Literal["ptq", "train"] = "ptq"
-    seeds: list[int] = Field(default_factory=lambda: [0])
+    seeds: list[Seed] = Field(default_factory=lambda: [0])
     task: TaskConfig = Field(default_factory=TaskConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
@@ -135,19 +219,24 @@ class Config(_Section):
     stats: StatsConfig = Field(default_factory=StatsConfig)
     # Named variants of this config (dotted key -> value), each run into <run dir>/<name>
     # and compared side by side, e.g. nearest vs stochastic rounding.
-    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    variants: dict[DirName, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, v: list[int]) -> list[int]:
-        if not v or any(s < 0 for s in v):
-            raise ValueError("needs one or more seeds >= 0")
+        if not v:
+            raise ValueError(f"needs one or more seeds, integers in 0..2**32 - 1 (found {v!r})")
         return v
 
     @model_validator(mode="after")
     def _defaults(self) -> Config:
-        if self.criterion.name is None:
-            self.criterion.name = "accuracy" if self.mode == "ptq" else "converge"
+        crit = self.criterion
+        if crit.name is None:
+            crit.name = "accuracy" if self.mode == "ptq" else "converge"
+        if crit.relative is None:
+            crit.relative = crit.name == "loss"
+        if crit.metric is None:
+            crit.metric = "loss" if crit.name == "loss" else "accuracy"
         if self.stats.kinds is None:
             self.stats.kinds = list(self.search.kinds)
         return self
@@ -168,6 +257,26 @@ def _default_run_dir(name: str | None) -> Path:
 # ----------------------------------------------------------------------------- errors
 
 
+def _path(parts: tuple | list) -> str:
+    """``search.candidates[0]``; a key that is not a plain word is quoted: ``variants['a/b']``."""
+    out = ""
+    for part in parts:
+        if part == "[key]":  # pydantic marks an error in a mapping's key itself so
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif re.fullmatch(r"[A-Za-z0-9_-]+", str(part)):
+            out += f".{part}" if out else str(part)
+        else:
+            out += f"[{str(part)!r}]"
+    return out or "(top level)"
+
+
+def _found(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _fields(model: type[BaseModel], loc: tuple) -> list[str]:
     """Valid keys at ``loc`` (the parent of an unknown key), for 'did you mean'."""
     for part in loc:
@@ -182,21 +291,87 @@ def _fields(model: type[BaseModel], loc: tuple) -> list[str]:
 
 def _explain(err: dict[str, Any]) -> str:
     loc = tuple(err["loc"])
-    path = ".".join(str(p) for p in loc) or "(top level)"
+    path = _path(loc)
     if err["type"] == "extra_forbidden":
         allowed = _fields(Config, loc[:-1])
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         hint = f"did you mean `{close[0]}`? " if close else ""
         return f"{path}: unknown key; {hint}allowed: {', '.join(allowed)}"
-    msg = err["msg"].replace("Input should be", "must be")
-    return f"{path}: {msg} (found {err.get('input')!r})"
+    msg = err["msg"].replace("Input should be", "must be").removeprefix("Value error, ")
+    return f"{path}: {msg} (found {_found(err.get('input'))})"
+
+
+# The width a family holds fixed while it searches another one (see bitwidth.families).
+_HELD_WIDTH = {"fixed_frac": "word", "float": "exp", "float_exp": "man"}
+
+
+def _family_options(family: str) -> list[str]:
+    """The ``search.options`` a format family takes: the width it holds fixed, then its
+    format's own options (the fields with defaults; the family sets the others).
+
+    >>> _family_options("int")
+    ['signed', 'symmetric', 'granularity', 'scale', 'rounding', 'percentile']
+    >>> _family_options("fixed_frac"), _family_options("fixed")
+    (['word', 'rounding'], ['rounding'])
+    """
+    from .families import make_format, needs_absmax
+
+    fmt = make_format(family, 8, **({"absmax": 1.0} if needs_absmax(family) else {}))
+    own = [f.name for f in fields(fmt)  # type: ignore[arg-type]
+           if f.init and (f.default is not MISSING or f.default_factory is not MISSING)]
+    return ([_HELD_WIDTH[family]] if family in _HELD_WIDTH else []) + own
+
+
+def _family_errors(family: str, options: dict[Any, Any], candidates: list[Any]) -> list[str]:
+    """Every unknown option, every bad option value and every candidate width the family
+    cannot make, each found with the real formats (:func:`bitwidth.families.make_format`)."""
+    from .families import make_format, needs_absmax
+
+    allowed = _family_options(family)
+    extra = {"absmax": 1.0} if needs_absmax(family) else {}  # the real absmax comes from the data
+    errors = []
+    for key in options:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"did you mean `{close[0]}`? " if close else ""
+            errors.append(f"{_path(('search', 'options', key))}: unknown option of family {family!r}; "
+                          f"{hint}allowed: {', '.join(allowed)}")
+    known = {k: v for k, v in options.items() if k in allowed}
+
+    def error(bits: int, opts: dict[Any, Any]) -> str | None:
+        try:
+            make_format(family, bits, **opts, **extra)
+        except (ValueError, TypeError) as err:
+            return str(err)
+        return None
+
+    # Widths the schema rejects are reported there; 8 bits is a width every family makes.
+    widths = [(i, b) for i, b in enumerate(candidates) if type(b) is int and 1 <= b <= 32]
+    makeable = [b for _, b in widths if error(b, {}) is None]
+    bad_values = []
+    for key, value in known.items():  # one option at a time, so every bad value is reported
+        err = next((e for b in makeable or [8] if (e := error(b, {key: value}))), None)
+        if err:
+            bad_values.append(f"{_path(('search', 'options', key))}: {err}")  # the formats say what they got
+    if bad_values:
+        return errors + bad_values
+    together = False
+    for i, bits in widths:  # all options together
+        err = error(bits, known)
+        if err and bits not in makeable:
+            errors.append(f"{_path(('search', 'candidates', i))}: {err} (family {family!r})")
+        elif err and not together:
+            together = True
+            errors.append(f"search.options: {err} (family {family!r} at {bits} bits)")
+    return errors
 
 
 def _semantic_errors(raw: dict[str, Any]) -> list[str]:
     """Checks that need the library (format family and options, task names), on the raw
     values, so they are reported together with the schema's errors."""
-    from .families import FAMILIES, make_format
-    from .tasks import DATA_FORMS, MODEL_FORMS
+    from .families import FAMILIES
+    from .tasks import DATA_FORMS, MODEL_FORMS, check_pairing
+    from .tasks.user import is_import_path
 
     errors = []
     search = raw.get("search") if isinstance(raw.get("search"), dict) else {}
@@ -205,13 +380,7 @@ def _semantic_errors(raw: dict[str, Any]) -> list[str]:
     if isinstance(family, str) and family not in FAMILIES:
         errors.append(f"search.family: unknown family {family!r}; allowed: {', '.join(FAMILIES)}")
     elif isinstance(family, str) and isinstance(options, dict) and isinstance(candidates, list):
-        extra = {"absmax": 1.0} if family == "fixed" else {}  # the real absmax comes from the data
-        for bits in candidates:
-            try:
-                make_format(family, bits, **options, **extra)
-            except (ValueError, TypeError) as err:
-                errors.append(f"search.options: {err} (family {family!r} at {bits!r} bits)")
-                break
+        errors += _family_errors(family, options, candidates)
     kinds = search.get("kinds", [])
     if raw.get("mode", "ptq") == "ptq" and isinstance(kinds, list) and "gradient" in kinds:
         errors.append("search.kinds: 'gradient' exists only in mode 'train' (the backward pass); "
@@ -221,7 +390,18 @@ def _semantic_errors(raw: dict[str, Any]) -> list[str]:
     if isinstance(data, str) and not (data.lower() in DATA_FORMS or data.startswith("imagefolder:")):
         errors.append(f"task.data: unknown data {data!r}; allowed: {', '.join(DATA_FORMS)}")
     if isinstance(model, str) and not (model in MODEL_FORMS or ":" in model):
-        errors.append(f"task.model: unknown model {model!r}; allowed: {', '.join(MODEL_FORMS)}")
+        errors.append(f"task.model: unknown model {model!r}; allowed: {', '.join(MODEL_FORMS)}, "
+                      "path/to/file.py:callable (a relative path from the current directory)")
+    elif isinstance(model, str) and isinstance(data, str):
+        try:
+            check_pairing(model, data)
+        except ValueError as err:
+            errors.append(f"task: {err}")
+    file = model.partition(":")[0] if isinstance(model, str) and is_import_path(model) else ""
+    if file.endswith(".py") and not Path(file).is_file():
+        errors.append(f"task.model: no file {str(Path(file).resolve())!r} (found {model!r}); a relative "
+                      f"path is resolved from the current directory ({os.getcwd()}), not from the "
+                      "config file's folder")
     return errors
 
 
@@ -229,34 +409,77 @@ def _semantic_errors(raw: dict[str, Any]) -> list[str]:
 
 
 def _set_path(d: dict[str, Any], path: str, value: Any) -> None:
+    """``d[a][b] = value`` for the path ``a.b``, making missing sections; ``ValueError`` when a
+    part is empty or names a value that is not a section (in ``d`` or in the schema)."""
     parts = path.split(".")
-    for p in parts[:-1]:
-        nxt = d.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError([f"{path}: {p} is not a section"], "--set")
-        d = nxt
+    if not all(parts):
+        raise ValueError(f"{path!r}: a key is names joined by dots, e.g. search.options.rounding")
+    model: Any = Config  # the schema at this depth; None below a mapping or an unknown key
+    for i, part in enumerate(parts[:-1]):
+        field = model.model_fields.get(part) if model else None
+        held = d.get(part, {})
+        if not isinstance(held, dict) or (field and not _is_section(field.annotation)):
+            where = ".".join(parts[: i + 1])
+            found = f" ({_found(held)})" if part in d else ""
+            raise ValueError(f"{path}: {where} is a value{found}, not a section, so it has no key "
+                             f"{parts[i + 1]!r}; set {where} itself")
+        model = field.annotation if field and _is_model(field.annotation) else None
+        d = d.setdefault(part, held)
     d[parts[-1]] = value
+
+
+def _is_model(ann: Any) -> bool:
+    return isinstance(ann, type) and issubclass(ann, BaseModel)
+
+
+def _is_section(ann: Any) -> bool:
+    """Whether a field of this type holds keys: a section, or a mapping such as ``search.options``."""
+    return _is_model(ann) or get_origin(ann) is dict
+
+
+def _apply(raw: dict[str, Any], overrides: list[str]) -> list[str]:
+    """Apply every override that can be applied; one error per one that cannot."""
+    errors = []
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            errors.append(f"{item!r}: an override is key=value, e.g. search.strategy=grid")
+            continue
+        try:
+            _set_path(raw, key, yaml.safe_load(value))
+        except yaml.YAMLError as err:
+            errors.append(f"{key}: value is not valid YAML ({err})")
+        except ValueError as err:
+            errors.append(str(err))
+    return errors
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.sub=value`` strings; values are parsed as YAML (``[2,4]``, ``true``, ``0.1``)."""
-    errors = []
-    for item in overrides:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            errors.append(f"{item!r}: an override is key=value, e.g. search.strategy=grid")
-            continue
-        try:
-            _set_path(raw, key.strip(), yaml.safe_load(value))
-        except yaml.YAMLError as err:
-            errors.append(f"{key}: value is not valid YAML ({err})")
+    errors = _apply(raw, overrides)
     if errors:
         raise ConfigError(errors, "--set")
     return raw
 
 
+def _name_from(stem: str) -> str:
+    """The default ``name`` from a config file's name, made a plain directory name.
+
+    >>> _name_from("my study (v2)"), _name_from(".hidden")
+    ('my_study__v2_', 'hidden')
+    """
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip(".").replace("..", "_")
+    return name[:255] or "run"
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read, override and validate a config; ``ConfigError`` lists every problem."""
+    """Read, override and validate a config; ``ConfigError`` lists every problem.
+
+    The default ``name`` is the file's name (other characters than letters, digits, '-',
+    '_' and '.' made '_'). Relative paths in the config are resolved later, at run time,
+    from the current directory, not from the config file's folder.
+    """
     source = str(path) if path else "config"
     raw: Any = {}
     if path is not None:
@@ -269,17 +492,23 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError([f"not valid YAML: {err}"], source) from None
         if not isinstance(raw, dict):
             raise ConfigError([f"the top level must be a mapping of keys, found {type(raw).__name__}"], source)
-        raw.setdefault("name", p.stem)
-    raw = apply_overrides(raw, list(overrides or []))
-    cfg, errors = _validate(raw)
+        raw.setdefault("name", _name_from(p.stem))
+    errors = [f"--set {e}" for e in _apply(raw, list(overrides or []))]
+    cfg, config_errors = _validate(raw)
+    errors += config_errors
     variants = raw.get("variants") if isinstance(raw.get("variants"), dict) else {}
     for name, changes in variants.items():
+        where = _path(("variants", name))
         if not isinstance(changes, dict) or not changes:
-            errors.append(f"variants.{name}: a variant maps config keys to values, "
-                          "e.g. search.options.rounding: nearest")
+            errors.append(f"{where}: a variant maps config keys to values, e.g. search.options.rounding: nearest "
+                          f"(found {_found(changes)})")
             continue
-        _, variant_errors = _validate(_variant_raw(raw, name, changes))
-        errors += [f"variants.{name}: {e}" for e in variant_errors]
+        variant, path_errors = _variant_raw(raw, str(name), changes)
+        _, variant_errors = _validate(variant)
+        # Only what the variant adds: the config's own errors are listed once, and the
+        # variant's name (a label, ``<name>-<variant>``) is derived from names checked already.
+        errors += [f"{where}: {e}" for e in path_errors + variant_errors
+                   if e not in config_errors and not e.startswith("name: ")]
     if errors:
         raise ConfigError(errors, source)
     assert cfg is not None
@@ -289,19 +518,29 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def _validate(raw: dict[str, Any]) -> tuple[Config | None, list[str]]:
     errors = _semantic_errors(raw)
     try:
-        return Config.model_validate(raw), errors
+        cfg = Config.model_validate(raw)
     except ValidationError as err:
         return None, [_explain(e) for e in err.errors()] + errors
+    try:
+        cfg.criterion.build()
+    except ValueError as err:
+        errors.append(f"criterion: {err}")
+    return cfg, errors
 
 
-def _variant_raw(raw: dict[str, Any], name: str, changes: dict[str, Any]) -> dict[str, Any]:
+def _variant_raw(raw: dict[str, Any], name: str, changes: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The raw config of one variant, and one error per change that cannot be applied."""
     variant = copy.deepcopy({k: v for k, v in raw.items() if k != "variants"})
+    errors = []
     for key, value in changes.items():
-        _set_path(variant, str(key), copy.deepcopy(value))
+        try:
+            _set_path(variant, str(key), copy.deepcopy(value))
+        except ValueError as err:
+            errors.append(str(err))
     parent = raw.get("out") or _default_run_dir(raw.get("name"))
     variant["out"] = str(Path(parent) / name)
     variant["name"] = f"{raw.get('name') or 'run'}-{name}"
-    return variant
+    return variant, errors
 
 
 def variant_configs(cfg: Config) -> dict[str, Config]:
@@ -313,7 +552,13 @@ def variant_configs(cfg: Config) -> dict[str, Config]:
     ('grid', 'runs/study/a')
     """
     raw = cfg.model_dump(mode="json")
-    return {name: Config.model_validate(_variant_raw(raw, name, changes)) for name, changes in cfg.variants.items()}
+    out = {}
+    for name, changes in cfg.variants.items():
+        variant, errors = _variant_raw(raw, name, changes)
+        if errors:
+            raise ConfigError(errors, f"variants.{name}")
+        out[name] = Config.model_validate(variant)
+    return out
 
 
 def config_to_yaml(cfg: Config) -> str:

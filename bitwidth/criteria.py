@@ -4,6 +4,9 @@
 ``max_drop`` (an absolute drop, or a fraction of the baseline with ``relative=True``).
 ``converge`` (training): additionally not diverged, and the final training loss is at most
 the baseline's final training loss times ``1 + loss_tol``.
+``loss`` (either mode, for language models): no error, not diverged, and the validation
+loss is at most the baseline's plus ``max_rise``, by default a fraction of the baseline's
+loss (``relative=True``): a cross-entropy has no natural absolute scale.
 
 For a metric where lower is better (any name containing ``loss``) the comparison flips:
 the metric may rise by at most ``max_drop``.
@@ -36,13 +39,20 @@ __all__ = [
     "AccuracyCriterion",
     "ConvergeCriterion",
     "Criterion",
+    "LossCriterion",
     "baseline_spread",
     "criterion_from_dict",
+    "lower_is_better",
     "make_criterion",
 ]
 
 
-def _lower_is_better(metric: str) -> bool:
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of ``metric`` is better: any name containing ``loss``.
+
+    >>> lower_is_better("loss"), lower_is_better("train_loss"), lower_is_better("accuracy")
+    (True, True, False)
+    """
     return "loss" in metric
 
 
@@ -58,16 +68,20 @@ def _mean(values: Sequence[float]) -> float:
 
 
 class _Judge:
-    """What both criteria share: the metric threshold, the seed-mean rule, serialisation."""
+    """What every criterion shares: the metric threshold, the seed-mean rule, serialisation.
+
+    ``margin`` names the field holding how far the metric may move the wrong way.
+    """
 
     name: ClassVar[str]
-    max_drop: float
+    margin: ClassVar[str] = "max_drop"
     relative: bool
     metric: str
 
     def _check(self) -> None:
-        if not (isinstance(self.max_drop, (int, float)) and self.max_drop >= 0):
-            raise ValueError(f"max_drop must be a number >= 0, got {self.max_drop!r}")
+        value = getattr(self, self.margin)
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+            raise ValueError(f"{self.margin} must be a number >= 0, got {value!r}")
         if not isinstance(self.metric, str) or not self.metric:
             raise ValueError(f"metric must be a metric name such as 'accuracy', got {self.metric!r}")
 
@@ -80,8 +94,9 @@ class _Judge:
         if self.metric not in baseline_metrics:
             raise ValueError(f"the baseline has no metric {self.metric!r}; it has {sorted(baseline_metrics)}")
         base = float(baseline_metrics[self.metric])
-        drop = self.max_drop * abs(base) if self.relative else self.max_drop
-        return round(base + drop if _lower_is_better(self.metric) else base - drop, 12)
+        margin = getattr(self, self.margin)
+        drop = margin * abs(base) if self.relative else margin
+        return round(base + drop if lower_is_better(self.metric) else base - drop, 12)
 
     def _metric_ok(self, outcome: TrialOutcome, baseline_metrics: Mapping[str, float]) -> bool:
         if outcome.error is not None or outcome.diverged:
@@ -90,7 +105,7 @@ class _Judge:
         if not math.isfinite(value):
             return False
         limit = self.threshold(baseline_metrics)
-        return value <= limit if _lower_is_better(self.metric) else value >= limit
+        return value <= limit if lower_is_better(self.metric) else value >= limit
 
     def passes(
         self, outcome: TrialOutcome, baseline_metrics: Mapping[str, float],
@@ -176,8 +191,44 @@ class ConvergeCriterion(_Judge):
         return math.isfinite(final) and final <= float(baseline_loss_curve[-1]) * (1 + self.loss_tol)
 
 
-Criterion = AccuracyCriterion | ConvergeCriterion
-CRITERIA: dict[str, type[Criterion]] = {"accuracy": AccuracyCriterion, "converge": ConvergeCriterion}
+@dataclass(frozen=True)
+class LossCriterion(_Judge):
+    """Pass when the trial ran cleanly (no error, in train mode not diverged) and the validation
+    ``metric``, a loss, rose by at most ``max_rise`` over the baseline's: a fraction of it
+    (``relative=True``, the default) or an absolute amount.
+
+    >>> from bitwidth.trial import TrialOutcome
+    >>> crit = LossCriterion(max_rise=0.05)  # at most 5% above the baseline's loss
+    >>> crit.threshold({"loss": 2.0})
+    2.1
+    >>> crit.passes(TrialOutcome({"accuracy": 0.4, "loss": 2.08}), {"loss": 2.0})
+    True
+    """
+
+    max_rise: float = 0.05
+    relative: bool = True
+    metric: str = "loss"
+    name: ClassVar[str] = "loss"
+    margin: ClassVar[str] = "max_rise"
+
+    def __post_init__(self) -> None:
+        self._check()
+        if not lower_is_better(self.metric):
+            raise ValueError(f"the loss criterion judges a loss (a metric named like 'loss'), got {self.metric!r}; "
+                             "for a metric where higher is better use criterion 'accuracy'")
+
+    def passes(
+        self, outcome: TrialOutcome, baseline_metrics: Mapping[str, float],
+        baseline_loss_curve: Sequence[float] | None = None,
+    ) -> bool:
+        """``True`` when the trial had no error or divergence and its loss is within the rise."""
+        return self._metric_ok(outcome, baseline_metrics)
+
+
+Criterion = AccuracyCriterion | ConvergeCriterion | LossCriterion
+CRITERIA: dict[str, type[Criterion]] = {
+    "accuracy": AccuracyCriterion, "converge": ConvergeCriterion, "loss": LossCriterion,
+}
 
 
 def _mean_outcome(
@@ -215,14 +266,16 @@ def baseline_spread(baselines: Sequence[Any], metric: str = "accuracy") -> dict[
 
 
 def make_criterion(name: str, **kw: Any) -> Criterion:
-    """A criterion by name (``accuracy`` or ``converge``) with its options.
+    """A criterion by name (``accuracy``, ``converge`` or ``loss``) with its options.
 
     >>> make_criterion("converge", loss_tol=0.25).to_dict()
     {'name': 'converge', 'max_drop': 0.02, 'loss_tol': 0.25, 'metric': 'accuracy', 'relative': False}
+    >>> make_criterion("loss", max_rise=0.1).to_dict()
+    {'name': 'loss', 'max_rise': 0.1, 'relative': True, 'metric': 'loss'}
     >>> make_criterion("f1")
     Traceback (most recent call last):
     ...
-    ValueError: unknown criterion 'f1'; allowed: accuracy, converge
+    ValueError: unknown criterion 'f1'; allowed: accuracy, converge, loss
     """
     if name not in CRITERIA:
         raise ValueError(f"unknown criterion {name!r}; allowed: {', '.join(CRITERIA)}")

@@ -1,15 +1,21 @@
 """Tasks: a seeded model plus its data; ``make_task`` builds one from two names.
 
 ``model``: ``digits_mlp``, ``digits_cnn``, ``torchvision:<name>`` (any torchvision
-classifier, adapted to the data's channels and classes) or ``package.module:callable``
+classifier, adapted to the data's channels and classes), ``tiny_lm`` (a byte-level
+transformer language model, :mod:`bitwidth.tasks.lm`) or ``package.module:callable``
 (see :mod:`bitwidth.tasks.user`). ``data``: ``digits`` (bundled, the default),
-``fakedata``, ``mnist``, ``fashionmnist``, ``cifar10`` (from a local ``root``) or
-``imagefolder:<path>``. Options go to whichever part accepts them (see ``DATA_OPTIONS``
-and ``TASK_OPTIONS``); one that nothing accepts is a ``ValueError``.
+``fakedata``, ``mnist``, ``fashionmnist``, ``cifar10`` (from a local ``root``),
+``imagefolder:<path>``, or ``pytext`` (this Python's standard-library source as bytes,
+:mod:`bitwidth.tasks.text`). ``tiny_lm`` takes text data and the other built-in models
+image data. Options go to whichever part accepts them (see ``DATA_OPTIONS`` and
+``TASK_OPTIONS``); one that nothing accepts is a ``ValueError``.
 
 >>> task = make_task("digits_mlp", "digits", batch_size=64)
 >>> task.name, task.fingerprint()["n_train"]
 ('digits_mlp@digits', 1347)
+>>> lm = make_task("tiny_lm", "pytext")
+>>> lm.name, lm.loss_fn.__name__, tuple(next(iter(lm.val_batches()))[1].shape)
+('tiny_lm@pytext', 'sequence_cross_entropy', (512, 64))
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 
 from .base import DataSpec, Task, TaskLike, check_task, evaluate
 from .digits import digits_datasets, load_digits_split
+from .lm import tiny_lm
 from .models import BUILTIN_MODELS, digits_cnn, digits_mlp
 from .user import is_import_path
 
@@ -30,6 +37,7 @@ __all__ = [
     "DataSpec",
     "Task",
     "TaskLike",
+    "check_pairing",
     "check_task",
     "digits_cnn",
     "digits_mlp",
@@ -37,10 +45,14 @@ __all__ = [
     "load_data",
     "load_digits_split",
     "make_task",
+    "tiny_lm",
 ]
 
-MODEL_FORMS = ("digits_mlp", "digits_cnn", "torchvision:<name>", "package.module:callable")
-DATA_FORMS = ("digits", "fakedata", "mnist", "fashionmnist", "cifar10", "imagefolder:<path>")
+MODEL_FORMS = ("digits_mlp", "digits_cnn", "torchvision:<name>", "tiny_lm", "package.module:callable")
+DATA_FORMS = ("digits", "fakedata", "mnist", "fashionmnist", "cifar10", "imagefolder:<path>", "pytext")
+_MODELS = {**BUILTIN_MODELS, "tiny_lm": tiny_lm}
+# The kind of data each built-in takes or gives; every other model and data is "image".
+_TEXT_MODELS, _TEXT_DATA = ("tiny_lm",), ("pytext",)
 _TV_OPTIONS = {"root": "data", "download": False, "train_size": None, "val_size": None, "resize": None}
 # Every data option with its default; the defaults are what a fingerprint records.
 DATA_OPTIONS: dict[str, dict[str, Any]] = {
@@ -50,6 +62,7 @@ DATA_OPTIONS: dict[str, dict[str, Any]] = {
     "fashionmnist": _TV_OPTIONS,
     "cifar10": _TV_OPTIONS,
     "imagefolder": {"image_size": 32, "val_fraction": 0.25, "split_seed": 0},
+    "pytext": {"context": 64, "train_bytes": 524_288, "val_bytes": 65_536},
 }
 TASK_OPTIONS = ("name", "batch_size", "eval_batch_size", "num_workers")
 
@@ -78,6 +91,10 @@ def load_data(data: str = "digits", **options: Any) -> DataSpec:
     if kind == "digits":
         train, val = digits_datasets(opts["split_seed"], opts["val_fraction"])
         return DataSpec(train, val, 1, 10, (8, 8), {"data": "digits", **opts})
+    if kind == "pytext":
+        from .text import load_pytext
+
+        return load_pytext(**opts)
     from . import vision
 
     if kind == "fakedata":
@@ -90,10 +107,10 @@ def load_data(data: str = "digits", **options: Any) -> DataSpec:
 def make_task(model: str = "digits_cnn", data: str = "digits", **options: Any) -> TaskLike:
     """Build a task from a model name and a data name (see the module docstring).
 
-    >>> make_task("digits_rnn")
+    >>> make_task("digits_rnn")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: unknown model 'digits_rnn'; allowed: digits_mlp, digits_cnn, torchvision:<name>, package.module:callable
+    ValueError: unknown model 'digits_rnn'; allowed: digits_mlp, digits_cnn, torchvision:<name>, tiny_lm, ...
     """
     if not isinstance(model, str):
         raise ValueError(f"model must be a name, one of {MODEL_FORMS}, got {model!r}")
@@ -104,8 +121,8 @@ def make_task(model: str = "digits_cnn", data: str = "digits", **options: Any) -
 
         return user_task(model, lambda: load_data(data, **_data_opts(kind, options)), options,
                          set(DATA_OPTIONS[kind]), task_opts)
-    if model in BUILTIN_MODELS:
-        builder = BUILTIN_MODELS[model]
+    if model in _MODELS:
+        builder = _MODELS[model]
     elif model.startswith("torchvision:") and model.partition(":")[2]:
         from .vision import check_torchvision_name, torchvision_model
 
@@ -114,12 +131,35 @@ def make_task(model: str = "digits_cnn", data: str = "digits", **options: Any) -
         builder = functools.partial(torchvision_model, tv_name)
     else:
         raise ValueError(f"unknown model {model!r}; allowed: {', '.join(MODEL_FORMS)}")
+    check_pairing(model, data)
     spec = load_data(data, **options)
     name = task_opts.pop("name", f"{model}@{data}")
     shape = (spec.in_channels, spec.num_classes, tuple(spec.image_size))
     info = {"model": model, **{k: list(v) if isinstance(v, tuple) else v for k, v in spec.info.items()}}
+    if spec.loss_fn is not None:
+        task_opts["loss_fn"] = spec.loss_fn
     # partial, not a lambda: process-pool executors pickle the task.
     return Task(name, functools.partial(builder, *shape), spec.train, spec.val, info=info, **task_opts)
+
+
+def check_pairing(model: str, data: str) -> None:
+    """Raise ``ValueError`` when a built-in model cannot take the named data.
+
+    ``tiny_lm`` takes text (``pytext``); ``digits_mlp``, ``digits_cnn`` and torchvision
+    models take images. A user model (import path) may take either.
+
+    >>> check_pairing("tiny_lm", "digits")
+    Traceback (most recent call last):
+    ...
+    ValueError: model 'tiny_lm' takes text data (pytext), not image data 'digits'
+    """
+    if is_import_path(model) or not isinstance(data, str):
+        return
+    wants = "text" if model in _TEXT_MODELS else "image"
+    gets = "text" if data.lower() in _TEXT_DATA else "image"
+    if wants != gets:
+        allowed = ", ".join(_TEXT_DATA) if wants == "text" else ", ".join(d for d in DATA_FORMS if d not in _TEXT_DATA)
+        raise ValueError(f"model {model!r} takes {wants} data ({allowed}), not {gets} data {data!r}")
 
 
 def _data_opts(kind: str, options: dict[str, Any]) -> dict[str, Any]:

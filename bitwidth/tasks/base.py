@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -53,6 +54,9 @@ class DataSpec:
     """Training and validation data with what a model builder needs to fit them.
 
     ``info`` is JSON-able: the data's name and the options that shaped it (for fingerprints).
+    ``loss_fn`` is the loss the data calls for (``None``: cross-entropy over classes). Text
+    data holds token windows with next-token targets; its ``num_classes`` is the vocabulary
+    and its ``image_size`` is ``(context,)``.
     """
 
     train: Dataset
@@ -61,6 +65,7 @@ class DataSpec:
     num_classes: int
     image_size: tuple[int, ...]
     info: dict = field(default_factory=dict)
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None
 
 
 def check_task(obj: Any, origin: str = "task") -> TaskLike:
@@ -185,6 +190,22 @@ class Task:
         yield from DataLoader(data, batch_sampler=chunks, num_workers=self.num_workers)
 
 
+def _class_dim(out: Tensor, y: Tensor) -> int | None:
+    """The dimension of ``out`` holding class scores for targets ``y``, or ``None`` if it has none.
+
+    Scores last, as a language model's ``(B, T, V)`` for ``(B, T)``, or second, as
+    cross-entropy's ``(N, C, d1, ...)`` for ``(N, d1, ...)``; a classifier's ``(N, C)``
+    for ``(N,)`` is both. Where both fit but differ (``(N, C, L)`` with ``C == L``), last.
+    """
+    if out.dim() != y.dim() + 1:
+        return None
+    if out.shape[:-1] == y.shape:
+        return -1
+    if out.shape[:1] + out.shape[2:] == y.shape:
+        return 1
+    return None
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -194,22 +215,35 @@ def evaluate(
 ) -> dict[str, float]:
     """Top-1 ``accuracy`` and mean ``loss`` of ``model`` over ``batches`` (eval mode).
 
+    Both are per prediction: a classifier makes one per sample, a language model one per
+    position (``(B, T, V)`` logits for ``(B, T)`` targets: next-token accuracy). ``loss_fn``
+    must average over predictions; batches are weighted by their number of predictions.
+    Outputs that are not class scores for the targets (regression) get a NaN ``accuracy``.
+
     >>> m = torch.nn.Linear(2, 2)
     >>> sorted(evaluate(m, [(torch.randn(3, 2), torch.tensor([0, 1, 1]))]))
     ['accuracy', 'loss']
+    >>> lm = torch.nn.Embedding(2, 2).requires_grad_(False)
+    >>> _ = lm.weight.copy_(torch.eye(2))  # predicts the byte it reads: (1, 3) -> (1, 3, 2) logits
+    >>> x, y = torch.tensor([[0, 1, 0]]), torch.tensor([[0, 1, 1]])
+    >>> evaluate(lm, [(x, y)], lambda o, t: TF.cross_entropy(o.flatten(0, 1), t.flatten()))["accuracy"]
+    0.6666666666666666
     """
     was_training = model.training
     model.eval()
-    correct, total, loss_sum = 0, 0, 0.0
+    correct, total, loss_sum, scored = 0, 0, 0.0, True
     try:
         for x, y in batches:
             x, y = x.to(device), y.to(device)
-            out = model(x)  # (N, classes)
-            loss_sum += float(loss_fn(out, y)) * len(y)
-            correct += int((out.argmax(dim=1) == y).sum())
-            total += len(y)
+            out = model(x)  # (N, C), (N, C, ...) or (B, T, V)
+            loss_sum += float(loss_fn(out, y)) * y.numel()
+            dim = _class_dim(out, y)
+            scored = scored and dim is not None
+            if dim is not None:
+                correct += int((out.argmax(dim=dim) == y).sum())
+            total += y.numel()
     finally:
         model.train(was_training)
     if total == 0:
         raise ValueError("evaluate needs at least one batch")
-    return {"accuracy": correct / total, "loss": loss_sum / total}
+    return {"accuracy": correct / total if scored else math.nan, "loss": loss_sum / total}

@@ -5,8 +5,9 @@ The callable is called with the ``make_task`` options its signature accepts (and
 returns one of:
 
 * a Task (anything with the :data:`~bitwidth.tasks.base.TASK_METHODS`): used as it is;
-* a model (``nn.Module``): trained on the ``data`` named in ``make_task``; each seed calls
-  the callable again under that seed, so initialisation is seeded;
+* a model (``nn.Module``): trained on the ``data`` named in ``make_task``, with that data's
+  loss (next-token cross-entropy for ``pytext``); each seed calls the callable again under
+  that seed, so initialisation is seeded;
 * ``(model, (train, val))`` or ``(model, train, val)``: its own data, each a Dataset, a
   DataLoader (its dataset and batch size are used) or a tensor pair ``(x, y)``. A model
   instance is copied and re-initialised per seed with each module's ``reset_parameters``.
@@ -145,6 +146,8 @@ def user_task(
     name = task_options.pop("name", None)
     if isinstance(result, nn.Module):
         data = data or load_data()
+        if data.loss_fn is not None:  # e.g. text data: cross-entropy over every position
+            task_options["loss_fn"] = data.loss_fn
         # partial of a path-pickled callable, not a lambda: process-pool executors pickle the task.
         return Task(name or f"{path}@{data.info.get('data')}", functools.partial(fn, **user_opts), data.train,
                     data.val, info={**info, **data.info}, **task_options)
