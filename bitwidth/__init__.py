@@ -5,8 +5,10 @@
 4
 """
 
+from .coverage import Coverage, coverage, sites
 from .families import make_format
 from .formats import FixedFormat, FloatFormat, Format, IntFormat, format_from_dict, format_to_dict, parse_format
+from .registry import register_module
 from .result import SearchResult
 from .runner import run_search
 from .stats import Recorder, analyze, predict_min_bits, record
@@ -56,4 +58,8 @@ __all__ = [
     "record",
     "Recorder",
     "analyze",
+    "sites",
+    "coverage",
+    "Coverage",
+    "register_module",
 ]

@@ -96,8 +96,8 @@ def _cmd_validate(path: str, overrides: list[str]) -> int:
     cfg = load_config(path, overrides)
     try:  # layer patterns need the model; a data set that is not here yet only skips this check
         task = _task(cfg)
-    except (OSError, RuntimeError) as err:
-        print(f"note: layer patterns not checked, the task could not be built here ({err})")
+    except FileNotFoundError as err:
+        print(f"note: layer patterns not checked, the data is not here ({err})")
     else:
         from .coverage import coverage
         from .runner import select_layers
@@ -116,12 +116,15 @@ def _cmd_validate(path: str, overrides: list[str]) -> int:
 
 
 def _setup_run_dir(cfg: Config, run_dir: Path, fresh: bool) -> Path:
-    if fresh and run_dir.exists():
-        for name in ("trials.jsonl", "baseline.pt"):
-            (run_dir / name).unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    _log_to(run_dir)
+    try:
+        if fresh and run_dir.exists():
+            for name in ("trials.jsonl", "baseline.pt"):
+                (run_dir / name).unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+        _log_to(run_dir)
+    except OSError as err:  # --out naming a file, a read-only directory: the user's to fix
+        raise UsageError(f"cannot write the run directory {run_dir}: {err.strerror or err}") from None
     return run_dir
 
 
@@ -153,8 +156,9 @@ def _trial_options(cfg: Config) -> Any:
     return TrialOptions(mode=cfg.mode, seed=cfg.seeds[0], **cfg.train.model_dump())
 
 
-def _record_stats(cfg: Config, task: Any, run_dir: Path) -> None:
-    """Distributions of the trained baseline (first seed) into stats.pt / stats.csv."""
+def _record_stats(cfg: Config, task: Any, run_dir: Path, out: Path | None = None,
+                  kinds: Sequence[str] | None = None) -> None:
+    """Distributions of the trained baseline (first seed) into ``out`` (default ``run_dir``): stats.pt / stats.csv."""
     import torch
 
     from .stats import record
@@ -165,35 +169,53 @@ def _record_stats(cfg: Config, task: Any, run_dir: Path) -> None:
     model = task.build_model(options.seed)
     model.load_state_dict(baseline.state_dict)
     loss_fn = getattr(task, "loss_fn", torch.nn.functional.cross_entropy)
-    kinds = cfg.stats.kinds or cfg.search.kinds
+    kinds = kinds or cfg.stats.kinds or cfg.search.kinds
     with record(model, layers=cfg.search.layers, kinds=kinds, seed=options.seed) as rec:
         for x, y in task.calib_batches(cfg.stats.batches):
             model.zero_grad()
             loss_fn(model(x), y).backward()
-    rec.save(run_dir / "stats.pt")
-    rec.to_frame().to_csv(run_dir / "stats.csv", index=False)
+    out = out or run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    rec.save(out / "stats.pt")
+    rec.to_frame().to_csv(out / "stats.csv", index=False)
     log.info("recorded statistics of %d (layer, kind) pairs", len(rec.to_frame()))
 
 
 class _Progress:
-    """tqdm bar over trials with an ETA; silent when not a terminal or with --quiet."""
+    """Progress over trials with the planned total and an ETA: a tqdm bar on a terminal,
+    plain lines (at most every 10 s, and at each phase) otherwise; nothing with --quiet."""
 
     def __init__(self, quiet: bool) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=0, unit="trial", disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
-        self.phase = ""
+        self.quiet, self.tty = quiet, sys.stderr.isatty()
+        self.bar = tqdm(total=0, unit="trial", disable=quiet or not self.tty, dynamic_ncols=True)
+        self.phase, self.start, self.last = "", 0.0, 0.0
 
     def __call__(self, event: Any) -> None:
-        if event.phase != self.phase:
+        done = event.trials_run + event.trials_reused
+        self.start = self.start or time.perf_counter()  # the first event comes after the baselines
+        new_phase = event.phase != self.phase
+        if new_phase:
             self.phase = event.phase
             self.bar.set_description(event.phase)
             log.info("%s: %s", event.phase, event.message)
-        done = event.trials_run + event.trials_reused
+        self.bar.total = max(event.planned, done)
         if done > self.bar.n:
-            self.bar.total = max(self.bar.total or 0, done)
             self.bar.update(done - self.bar.n)
-        self.bar.set_postfix_str(f"run {event.trials_run}, reused {event.trials_reused}", refresh=False)
+        self.bar.set_postfix_str(f"run {event.trials_run}, reused {event.trials_reused}", refresh=True)
+        now = time.perf_counter()
+        if not self.quiet and not self.tty and (new_phase or now - self.last >= 10):
+            self.last = now
+            print(f"[{event.phase}] {done}/{max(event.planned, done)} trials ({event.trials_run} run, "
+                  f"{event.trials_reused} reused){self._eta(event, now)}"
+                  + (f": {event.message}" if new_phase and event.message else ""), file=sys.stderr, flush=True)
+
+    def _eta(self, event: Any, now: float) -> str:
+        left = max(event.planned - event.trials_run - event.trials_reused, 0)
+        if not event.trials_run or not left:
+            return ""
+        return f", about {(now - self.start) / event.trials_run * left:.0f} s left"
 
     def close(self) -> None:
         self.bar.close()
@@ -237,6 +259,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_one(cfg: Config, run_dir: Path, args: argparse.Namespace) -> tuple[Any, dict[str, Path]]:
+    with _locked(run_dir):
+        return _run_locked(cfg, run_dir, args)
+
+
+def _locked(run_dir: Path) -> Any:
+    """The run directory's lock (a second run into it is a usage error, exit 2)."""
+    from .store import RunLock
+
+    try:
+        return RunLock(run_dir).acquire()
+    except OSError as err:
+        raise UsageError(f"cannot use {run_dir} as a run directory: {err.strerror or err}") from None
+
+
+def _run_locked(cfg: Config, run_dir: Path, args: argparse.Namespace) -> tuple[Any, dict[str, Path]]:
     from .executors import make_executor
     from .report import write_report
     from .runner import run_search
@@ -266,12 +303,7 @@ def _run_one(cfg: Config, run_dir: Path, args: argparse.Namespace) -> tuple[Any,
 
 
 def _criterion(cfg: Config) -> Any:
-    from .criteria import make_criterion
-
-    c = cfg.criterion
-    if c.name == "accuracy":
-        return make_criterion("accuracy", max_drop=c.max_drop, relative=c.relative, metric=c.metric)
-    return make_criterion("converge", max_drop=c.max_drop, loss_tol=c.loss_tol, metric=c.metric)
+    return cfg.criterion.build()
 
 
 def _print_answer(result: Any, paths: dict[str, Path]) -> None:
@@ -281,6 +313,9 @@ def _print_answer(result: Any, paths: dict[str, Path]) -> None:
     uni = result.summary.get("uniform", {})
     print(f"joint plan: {'passes' if joint.get('passed') else 'FAILS'} with metric {joint.get('metric')}; "
           f"best uniform width: {uni.get('bits')}")
+    cov = result.summary.get("coverage")
+    if cov:
+        print(f"coverage: the search {cov['text']}")
     print(f"report: {paths['html']}")
 
 
@@ -288,10 +323,13 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     from .report import write_report
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = _setup_run_dir(cfg, Path(args.out) if args.out else cfg.run_dir, fresh=False)
-    _record_stats(cfg, _task(cfg), run_dir)
-    paths = write_report(run_dir)
-    print(f"statistics: {run_dir / 'stats.csv'}; report: {paths['html']}")
+    run_dir = Path(args.out) if args.out else cfg.run_dir
+    with _locked(run_dir):
+        _setup_run_dir(cfg, run_dir, fresh=False)
+        out = run_dir / "stats"  # its own files: the run's report and statistics stay as they are
+        _record_stats(cfg, _task(cfg), run_dir, out, kinds=("weight", "activation", "gradient"))
+        paths = write_report(out)
+    print(f"statistics: {out / 'stats.csv'}; report: {paths['html']}")
     return 0
 
 
@@ -336,8 +374,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     except Exception as err:  # a failure at run time: short message, details in the log
-        log.exception("run failed")
         where = next((h.baseFilename for h in log.handlers if isinstance(h, logging.FileHandler)), None)
+        if where:  # without a run.log, logging would print the traceback on the terminal
+            log.exception("run failed")
         print(f"bitwidth: failed: {type(err).__name__}: {err}" + (f" (details: {where})" if where else ""),
               file=sys.stderr)
         return 1

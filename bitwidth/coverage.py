@@ -122,7 +122,7 @@ def coverage(model: nn.Module, plan: Plan, example_inputs: Any) -> Coverage:
     seen = dict(eng.seen)
     eng.seen.update({s: "" for s in table["site"]})  # validate keys against everything the trace saw
     try:
-        resolve = _resolver(_specs(eng, plan))
+        resolve = _resolver(_specs(eng, plan, strict=True))
     finally:
         eng.seen.clear()
         eng.seen.update(seen)

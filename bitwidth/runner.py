@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import logging
 import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -54,6 +55,7 @@ class ProgressEvent:
     trials_run: int
     trials_reused: int
     message: str = ""
+    planned: int = 0  # trials expected by the end of this phase (an estimate for adaptive strategies)
 
 
 @dataclass
@@ -103,6 +105,7 @@ class _Evaluator:
         self.fingerprint = task.fingerprint()
         self.run = self.reused = 0
         self.phase = ""
+        self.planned = 0
 
     def key(self, plan: dict[str, dict], seed: int) -> str:
         opts = dataclasses.replace(self.options, seed=seed).to_dict()
@@ -110,10 +113,16 @@ class _Evaluator:
 
     def notify(self, message: str = "") -> None:
         if self.progress is not None:
-            self.progress(ProgressEvent(self.phase, self.run, self.reused, message))
+            self.progress(ProgressEvent(self.phase, self.run, self.reused, message, max(self.planned, self.done)))
 
-    def start(self, phase: str, message: str) -> None:
+    @property
+    def done(self) -> int:
+        return self.run + self.reused
+
+    def start(self, phase: str, message: str, plans: int = 0) -> None:
+        """A new phase expecting about ``plans`` more plans (each on every seed)."""
         self.phase = phase
+        self.planned = self.done + plans * len(self.baselines)
         self.notify(message)
 
     def __call__(self, plans: list[dict[str, QuantSpec]]) -> list[Verdict]:
@@ -326,6 +335,7 @@ def run_search(
         raise ValueError(f"the selected sites have none of the kinds {list(kinds)}")
     covered = coverage(model, {n: QuantSpec(**{k: "int8" for k in kinds if (n, k) in pairs}) for n in names},
                        task.example_input())
+    logging.getLogger("bitwidth").info("the search %s", covered)
     # Bad family options fail here, before any training.
     make_format(family, max(candidates, default=8), **fam_opts, **({"absmax": 1.0} if needs_absmax(family) else {}))
     run_dir = Path(run_dir)
@@ -363,16 +373,18 @@ def run_search(
 def _search(evaluate: _Evaluator, space: SearchSpace, strategy: str, costs: CostModel,
             kinds: Sequence[str]) -> SearchResult:
     """The strategy, then the joint step and the uniform search, into one result."""
-    evaluate.start(strategy, f"{len(space.pairs)} (layer, kind) pairs x {len(space.candidates)} candidates"
-                             " (and the best uniform width)")
+    n = len(space.candidates)
+    per_pair = n if strategy == "grid" else max(1, math.ceil(math.log2(n + 1)))  # bisection: ~log2 probes
+    evaluate.start(strategy, f"{len(space.pairs)} (site, kind) pairs x {n} candidates (and the best uniform width)",
+                   plans=len(space.pairs) * per_pair + per_pair)
     if strategy == "grid":
-        per_pair: Callable[[Any], Any] = lambda ev: grid(ev, space)  # noqa: E731
+        strategy_fn: Callable[[Any], Any] = lambda ev: grid(ev, space)  # noqa: E731
     else:
         reference = {pair: {n: v.passed for n in space.candidates
                             if (v := evaluate.lookup(space.plan({pair: n}))) is not None} for pair in space.pairs}
-        per_pair = lambda ev: bisect(ev, space, reference=reference)  # noqa: E731
+        strategy_fn = lambda ev: bisect(ev, space, reference=reference)  # noqa: E731
     # The uniform search is independent of the per-pair one: its trials share their rounds.
-    pairs, same = together(evaluate, per_pair, lambda ev: uniform(ev, space))
+    pairs, same = together(evaluate, strategy_fn, lambda ev: uniform(ev, space))
     metric_name = evaluate.criterion.metric
     # The joint step ranks raises by the costs the searched kinds move.
     needed = ("weight" in kinds, "weight" in kinds or "activation" in kinds, "gradient" in kinds)
@@ -385,7 +397,8 @@ def _search(evaluate: _Evaluator, space: SearchSpace, strategy: str, costs: Cost
     noisy = evaluate.options.mode == "train"
     ceiling = None if same.bits is None or not noisy else {
         p: None if n is None else max(n, same.bits) for p, n in minima.items()}
-    evaluate.start("joint", "joint plan")
+    failing = sum(1 for n_ in minima.values() if n_ is None)
+    evaluate.start("joint", "joint plan", plans=1 + max(1, len(minima) // 4) + failing)
     # Idle workers prefetch the lazy greedy's likely next trials (same result, fewer rounds).
     combined = joint(evaluate, space, minima, cost=lambda p: costs.relative(p, measures), ceiling=ceiling,
                      lazy=noisy, higher_is_better="loss" not in metric_name,

@@ -28,8 +28,8 @@ the hidden state entering that matrix.
 >>> eng.taps.append(lambda site, kind, t, quantized: seen.append((site, kind)))
 >>> eng.refresh()
 >>> _ = model(torch.zeros(1, 4))
->>> seen
-[('0', 'activation')]
+>>> seen  # the weight, the op's input, the op's output (where a recorder hooks the gradient)
+[('0', 'weight'), ('0', 'activation'), ('0', 'output')]
 """
 
 from __future__ import annotations
@@ -174,6 +174,7 @@ class Engine:
         self._stack: list[tuple[str, dict[str, int]]] = []
         self._swapped: dict[int, WeightSlot] = {}  # id(quantized tensor) -> its site
         self._originals: list[tuple[WeightSlot, Tensor]] = []  # parameters swapped out
+        self._moded = False  # whether this forward intercepts ops
         self._by_param: dict[int, list[WeightSlot]] = {}
 
     # ------------------------------------------------------------------ configuration
@@ -193,8 +194,7 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return bool(self.taps or self.observing or self.trace is not None
-                    or any(not s.empty for s in self.specs.values()))
+        return bool(self.taps or self.observing or self.trace is not None or getattr(self.resolver, "active", False))
 
     def refresh(self) -> None:
         """Hooks on every module while there is work; none otherwise."""
@@ -251,11 +251,21 @@ class Engine:
         except BaseException:
             self._restore()
             raise
-        self._mode.__enter__()
+        self._moded = self._needs_mode()
+        if self._moded:
+            self._mode.__enter__()
 
     def _end(self) -> None:
-        self._mode.__exit__(None, None, None)
+        if self._moded:
+            self._mode.__exit__(None, None, None)
         self._restore()
+
+    def _needs_mode(self) -> bool:
+        # Weight-only plans need no interception, except where a fused kernel holds its
+        # own references to the parameters (RNNs' _flat_weights).
+        return bool(getattr(self.resolver, "op_work", True) or self.taps or self.observing
+                    or self.trace is not None
+                    or any(isinstance(slot.module, nn.RNNBase) for slot, _ in self._originals))
 
     def _restore(self) -> None:
         for slot, p in self._originals:
@@ -383,7 +393,7 @@ class Engine:
         macs = op_macs(op, args, values, out)
         if op.name == "sdpa":
             qk, pv = sdpa_macs(*values[:3])
-            per = [qk // 2, qk - qk // 2, pv]  # q and k share the scores' MACs; v the output's
+            per = [qk, qk, pv]  # the MACs of the product each input enters
         else:
             per = [macs] * len(values)
         if slot is not None:
@@ -395,7 +405,7 @@ class Engine:
             tr.add(name, "activation", op.name, mine[0][0], mine[0][1], inputs=len(mine))
         site = names[-1]
         if isinstance(out, Tensor) and out.is_floating_point():
-            tr.add(site, "gradient", op.name, out, 0 if op.name == "sdpa" else macs)
+            tr.add(site, "gradient", op.name, out, per[-1] if op.name == "sdpa" else macs)
 
     def run_rnn(self, kind: str, func: Callable, args: tuple, kwargs: dict) -> Any:
         """A fused recurrent kernel, step by step through ``linear`` (packed input: fused)."""

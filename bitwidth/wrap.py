@@ -127,17 +127,20 @@ def _could_be_op_site(eng: Engine, key: str) -> bool:
     return bool(sep) and module in eng.modules and rest.split(".")[0] in _OP_NAMES
 
 
-def _check_keys(eng: Engine, keys: Iterable[str]) -> None:
+def _check_keys(eng: Engine, keys: Iterable[str], strict: bool = False) -> None:
     known = list(eng.slots) + [s for s in eng.seen if s not in eng.slots]
+    problems = []
     for key in keys:
         if not isinstance(key, str):
             raise ValueError(f"plan keys are site names or glob patterns (str), got {key!r}")
         if _is_pattern(key):
             ok = any(fnmatch.fnmatchcase(n, key) for n in known) or (":" in key and not eng.seen)
         else:
-            ok = key in eng.slots or key in eng.seen or _could_be_op_site(eng, key)
+            ok = key in eng.slots or key in eng.seen or (not strict and _could_be_op_site(eng, key))
         if not ok:
-            raise ValueError(_no_match(eng, key, known))
+            problems.append(_no_match(eng, key, known))
+    if problems:  # every bad key at once
+        raise ValueError("\n".join(problems))
 
 
 def _no_match(eng: Engine, key: str, known: list[str]) -> str:
@@ -162,6 +165,9 @@ class _resolver:  # noqa: N801 (a picklable closure: wrapped models pickle)
     def __init__(self, plan: Mapping[str, QuantSpec]) -> None:
         self.plan = dict(plan)
         self.patterns = [(k, s) for k, s in plan.items() if _is_pattern(k)][::-1]  # the later one wins
+        # Only activation and gradient formats need the ops intercepted; weights are swapped in.
+        self.op_work = any(s.activation is not None or s.gradient is not None for s in plan.values())
+        self.active = any(not s.empty for s in plan.values())  # sites yet unseen may match
 
     def __call__(self, site: str) -> QuantSpec:
         spec = self.plan.get(site)
@@ -170,11 +176,12 @@ class _resolver:  # noqa: N801 (a picklable closure: wrapped models pickle)
         return spec
 
 
-def _specs(eng: Engine, plan: Plan) -> dict[str, QuantSpec]:
+def _specs(eng: Engine, plan: Plan, strict: bool = False) -> dict[str, QuantSpec]:
+    """The plan's specs, its keys checked against the sites (``strict``: only sites seen count)."""
     if not isinstance(plan, Mapping):
         raise ValueError(f"a plan maps site names or glob patterns to specs, got {type(plan).__name__}")
     specs = {key: as_spec(value) for key, value in plan.items()}
-    _check_keys(eng, specs)
+    _check_keys(eng, specs, strict)
     return specs
 
 

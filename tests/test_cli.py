@@ -129,3 +129,48 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path):
 def test_validate_checks_layer_patterns_against_the_model(capsys):
     assert main(["validate", str(ROOT / "configs/quickstart.yaml"), "--set", "search.layers=[conv1, fc3]"]) == 2
     assert "'fc3' matches no site; closest sites: fc2" in capsys.readouterr().err
+
+
+def test_run_directory_problems_are_one_line_usage_errors(tmp_path, capsys):
+    from bitwidth.store import RunLock
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    res = cli("run", "configs/quickstart.yaml", "--out", str(afile / "run"), *QUICK)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert "cannot use" in res.stderr or "cannot write" in res.stderr
+    busy = tmp_path / "busy"
+    with RunLock(busy):  # another process holds it: the lock is per process, so ask a child
+        res = cli("run", "configs/quickstart.yaml", "--out", str(busy), *QUICK)
+    assert res.returncode == 2 and "in use by another bitwidth run" in res.stderr
+    assert not (busy / "config.yaml").exists()  # nothing touched
+
+
+def test_validate_reports_every_unmatched_site_and_runs_user_builders(tmp_path, capsys):
+    code = main(["validate", str(ROOT / "configs/quickstart.yaml"), "--set", "search.layers=[conv9, fc7, fc1]"])
+    err = capsys.readouterr().err
+    assert code == 2 and "'conv9' matches no site" in err and "'fc7' matches no site" in err
+    builder = tmp_path / "broken.py"
+    builder.write_text("def model(**kw):\n    raise RuntimeError('no such checkpoint')\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"task: {{model: '{builder}:model', data: digits}}\n")
+    res = cli("validate", str(cfg))
+    assert res.returncode == 1 and "no such checkpoint" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_progress_lines_without_a_terminal(quick_run):
+    res = cli("run", "configs/quickstart.yaml", "--out", str(quick_run), *[a for a in QUICK if a != "--quiet"])
+    assert res.returncode == 0
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("[")]
+    assert lines and all("trials (" in ln for ln in lines)  # e.g. "[bisect] 0/24 trials (0 run, 0 reused)"
+    assert any("reused" in ln and "/" in ln for ln in lines)
+
+
+def test_stats_writes_its_own_files(quick_run):
+    report = (quick_run / "report.html").read_bytes()
+    res = cli("stats", "configs/quickstart.yaml", "--out", str(quick_run), "--set", "stats.batches=2",
+              "--set", "train.epochs=3", "--set", "search.layers=[conv1,fc2]")
+    assert res.returncode == 0, res.stderr
+    stats = pd.read_csv(quick_run / "stats" / "stats.csv", dtype={"layer": str})
+    assert set(stats["kind"]) == {"weight", "activation", "gradient"}
+    assert (quick_run / "stats" / "report.html").exists() and (quick_run / "report.html").read_bytes() == report

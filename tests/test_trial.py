@@ -132,7 +132,7 @@ def test_trial_leaves_the_global_rng_alone(task, opts, base):
 
 
 def test_bad_plan_raises_but_crashes_are_reported(task, opts, base, monkeypatch):
-    with pytest.raises(ValueError, match="matches no quantizable layer"):
+    with pytest.raises(ValueError, match="matches no site"):
         run_trial(task, {"fc9": "int8"}, opts, base)
 
     def broken():
