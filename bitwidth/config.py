@@ -86,7 +86,7 @@ def _dir_name(v: Any) -> Any:
     why = ("is empty" if not v else "has '/'" if "/" in v else "has '\\'" if "\\" in v
            else "starts with '.'" if v.startswith(".") else "has '..'" if ".." in v
            else "is longer than 255 characters" if len(v) > 255
-           else "has other characters" if not _NAME_CHARS.fullmatch(v) else None)
+           else f"has {''.join(sorted(set(_NAME_CHARS.sub('', v))))!r}" if not _NAME_CHARS.fullmatch(v) else None)
     if why:
         raise ValueError(f"must be {NAME_RULE}; this one {why}")
     return v
