@@ -338,12 +338,9 @@ def _cmd_report(run_dir: str) -> int:
 
     path = Path(run_dir)
     if (path / "variants.yaml").exists():
-        from .report.compare import write_comparison
+        from .report.compare import write_variant_reports
 
-        names = yaml.safe_load((path / "variants.yaml").read_text())
-        for name in names:
-            write_report(path / name)
-        paths = write_comparison(path, names)
+        paths = write_variant_reports(path)  # checks every name first: nothing is written outside the run
     elif (path / "summary.yaml").exists() or (path / "stats.pt").exists():
         paths = write_report(path)
     else:

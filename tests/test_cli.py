@@ -174,3 +174,23 @@ def test_stats_writes_its_own_files(quick_run):
     stats = pd.read_csv(quick_run / "stats" / "stats.csv", dtype={"layer": str})
     assert set(stats["kind"]) == {"weight", "activation", "gradient"}
     assert (quick_run / "stats" / "report.html").exists() and (quick_run / "report.html").read_bytes() == report
+
+
+def test_the_report_and_the_answer_state_the_coverage(quick_run):
+    html = (quick_run / "report.html").read_text()
+    # QUICK searches conv1 and fc2 only: the rest is listed as left out, never silently
+    assert "Coverage: the search quantizes" in html and "conv2" in html and "not in the plan" in html
+    summary = yaml.safe_load((quick_run / "summary.yaml").read_text())
+    cov = summary["coverage"]
+    assert 0 < cov["mac_fraction"] < 1 and 0 < cov["weight_fraction"] < 1
+    assert {(r["site"], r["kind"]) for r in cov["left_out"]} >= {("conv2", "weight"), ("fc1", "activation")}
+
+
+def test_report_of_variants_never_writes_outside_the_run(tmp_path, capsys):
+    run, victim = tmp_path / "run", tmp_path / "victim"
+    run.mkdir()
+    victim.mkdir()
+    (victim / "report.html").write_text("keep me")
+    (run / "variants.yaml").write_text(yaml.safe_dump(["../victim"]))
+    assert main(["report", str(run)]) == 2
+    assert "../victim" in capsys.readouterr().err and (victim / "report.html").read_text() == "keep me"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import re
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from matplotlib.colors import to_hex
 from PIL import Image
 
 from bitwidth.criteria import make_criterion
@@ -20,7 +22,7 @@ from bitwidth.report import write_report
 from bitwidth.report.document import Document, Figure, Section, Table, Text
 from bitwidth.report.html import render_html
 from bitwidth.report.markdown import render_markdown
-from bitwidth.report.plots import min_bits_scatter, pareto_plot, sensitivity_heatmap, training_curves
+from bitwidth.report.plots import VERDICT_COLORS, min_bits_scatter, pareto_plot, sensitivity_heatmap, training_curves
 from bitwidth.report.run_files import load_run
 from bitwidth.report.tables import (
     correlation_table,
@@ -29,10 +31,11 @@ from bitwidth.report.tables import (
     pareto_table,
     sensitivity_table,
 )
+from bitwidth.result import SearchResult, failure_reason, read_csv, reason_causes
 from bitwidth.runner import run_search
 from bitwidth.stats import record
 from bitwidth.tasks import make_task
-from bitwidth.trial import TrialOptions, train_baseline
+from bitwidth.trial import TrialOptions, TrialOutcome, train_baseline
 from bitwidth.wrap import QuantSpec
 
 OPTIONS = TrialOptions(epochs=2)  # a short baseline still separates 2 bits from 4
@@ -213,3 +216,68 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     img = Image.open(shot)
     assert img.size == (1280, 4000)
     assert len(img.convert("L").resize((64, 200)).getcolors(4096)) > 10  # not a blank page
+
+
+def test_trials_csv_carries_losses_and_why_each_plan_failed(train_dir, tmp_path):
+    trials = read_csv(train_dir / "trials.csv")
+    assert {"loss", "train_loss", "reason"} <= set(trials.columns)
+    assert trials[["loss", "train_loss"]].notna().all().all()
+    assert trials["reason"].notna().tolist() == (~trials["passed"]).tolist()
+    for reason in trials["reason"].dropna():
+        assert set(reason_causes(reason)) <= {"accuracy", "train loss", "diverged", "error"}, reason
+    # A run directory written before trials.csv kept them gets the same reasons when loaded.
+    for name in ("min_bits.csv", "costs.csv", "joint_plan.yaml", "summary.yaml", "trials.jsonl", "baseline.pt"):
+        shutil.copy(train_dir / name, tmp_path / name)
+    trials.drop(columns=["loss", "train_loss", "accuracy", "reason"]).to_csv(tmp_path / "trials.csv", index=False)
+    again = SearchResult.load(tmp_path).trials
+    assert again["reason"].fillna("").tolist() == trials["reason"].fillna("").tolist()
+
+
+@pytest.mark.parametrize("accuracy", [0.90, 0.93, 0.95, 0.99])
+@pytest.mark.parametrize("train_loss", [0.5, 0.74, 0.76, 2.0])
+def test_failure_reason_names_what_the_criterion_failed_on(accuracy, train_loss):
+    crit = make_criterion("converge", max_drop=0.02, loss_tol=0.5)
+    outcome = TrialOutcome({"accuracy": accuracy, "loss": 0.3, "train_loss": train_loss}, loss_curve=[train_loss])
+    passed = crit.passes(outcome, {"accuracy": 0.95}, [0.5])
+    reason = failure_reason({"metric": accuracy, "train_loss": train_loss}, crit.to_dict(), 0.95, 0.5)
+    want = [c for c, bad in (("accuracy", accuracy < 0.93), ("train loss", train_loss > 0.75)) if bad]
+    assert passed == (not want)
+    if want:
+        assert reason_causes(reason) == want
+    assert failure_reason({"metric": accuracy, "diverged": True}, crit.to_dict(), 0.95, 0.5) == "diverged"
+    assert failure_reason({"metric": math.nan, "error": "OOM"}, crit.to_dict(), 0.95) == "error: OOM"
+    loss_crit = make_criterion("loss", max_rise=0.1).to_dict()
+    assert failure_reason({"metric": 2.5}, loss_crit, 2.0) == "loss 2.5 > 2.2"
+
+
+def test_training_heatmap_colours_by_verdict_and_names_the_cause():
+    sens = pd.DataFrame({"layer": ["fc1", "fc1", "fc1"], "kind": ["weight"] * 3, "bits": [2, 4, 8],
+                         "metric": [0.97, 0.80, 0.97], "passed": [False, False, True],
+                         "reason": ["train loss 1.9 > 1.5 (1.5x fp32)", "accuracy 80.0% < 95.0%", None]})
+    ax = sensitivity_heatmap(sens, baseline=0.97, threshold=0.95, by_verdict=True).axes[0]
+    cells = [p for p in ax.patches if p.get_fill() and p.get_width() == 1]
+    assert [to_hex(p.get_facecolor()) for p in cells] == [VERDICT_COLORS[False], VERDICT_COLORS[False],
+                                                          VERDICT_COLORS[True]]
+    assert [t.get_text() for t in ax.texts] == ["97.0%\ntrain loss", "80.0%\naccuracy", "97.0%"]
+    # Post-training: coloured by the metric against the threshold, as before.
+    ptq = sensitivity_heatmap(sens.drop(columns="reason"), baseline=0.97, threshold=0.95)
+    first = next(p for p in ptq.axes[0].patches if p.get_fill())
+    assert to_hex(first.get_facecolor()) != VERDICT_COLORS[False]
+    assert [t.get_text() for t in ptq.axes[1].get_yticklabels()] == ["80.0%", "95.0%", "97.0%"]
+
+
+def test_training_report_explains_failing_cells(train_dir):
+    md = (train_dir / "report.md").read_text()
+    assert "green cells pass the criterion, red ones fail it" in md
+    trials = read_csv(train_dir / "trials.csv")
+    if (~trials.loc[trials["strategy"] == "grid", "passed"]).any():
+        assert "Why each failing cell failed" in md
+
+
+def test_fractions_are_shown_as_percentages(run_dir):
+    md = (run_dir / "report.md").read_text()
+    answer = md[:md.index("## Why")]
+    assert not re.search(r"\d\.\d{3,}", answer), re.findall(r".{30}\d\.\d{3,}.{10}", answer)
+    run = load_run(run_dir)
+    assert f"accuracy: {run.summary['joint']['metric']:.1%}**" in answer
+    assert f"vs fp32 ({run.summary['baseline']['metric']:.1%})" in answer

@@ -23,6 +23,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as MplFigure
 
+from ..criteria import lower_is_better
+from ..result import format_metric
 from . import plots
 from .document import Cards, Document, Figure, Section, Table, Text
 from .html import render_html
@@ -76,17 +78,24 @@ class _Context:
         self.kinds = list(cfg.get("kinds", []))
         self.threshold = _threshold(cfg.get("criterion"), base.get("metric_name"), self.base)
         self.criterion = cfg.get("criterion") or {}
+        # Accuracies are fractions, shown in percent everywhere (format_metric); changes in points.
+        self.percent = format_metric(self.metric, 0.5).endswith("%")
 
     def value(self, v: float) -> str:
         """A metric value as people read it: accuracies in percent."""
-        if not math.isfinite(v):
-            return "n/a"
-        return f"{v:.2%}" if self.metric == "accuracy" and 0 <= v <= 1 else f"{v:.4g}"
+        return format_metric(self.metric, v)
 
     def change(self, d: float) -> str:
         if not math.isfinite(d):
             return "n/a"
-        return f"{d * 100:+.2f} pt" if self.metric == "accuracy" else f"{d:+.4g}"
+        return f"{d * 100:+.1f} pt" if self.percent else f"{d:+.4g}"
+
+    def margin(self, m: Any) -> str:
+        """A criterion's allowed drop or rise: points of an accuracy, or a fraction of fp32's value."""
+        m = _float(m)
+        if self.criterion.get("relative"):
+            return f"{m:.1%} of it"
+        return f"{m * 100:g} pt" if self.percent else f"{m:g}"
 
 
 def _float(v: Any) -> float:
@@ -122,7 +131,7 @@ def _answer(ctx: _Context) -> list[Section]:
     for measure, label in (("memory_bits", "weight memory"), (cost_measure, _MEASURE_NAMES[cost_measure])):
         vs_fp32, vs_uni = _float(joint.get(f"{measure}_vs_fp32")), _float(joint.get(f"{measure}_vs_uniform"))
         if math.isfinite(vs_fp32):
-            detail = f"{vs_uni:.2f}x the best uniform plan" if math.isfinite(vs_uni) else "no uniform width passed"
+            detail = f"{vs_uni:.1%} of the best uniform plan" if math.isfinite(vs_uni) else "no uniform width passed"
             cards.append((label, f"{vs_fp32:.1%} of fp32", detail))
     ubits = summary.get("uniform", {}).get("bits")
     cards.append(("best uniform width", f"{ubits} {ctx.bits_label}" if ubits is not None else "none passed",
@@ -130,9 +139,14 @@ def _answer(ctx: _Context) -> list[Section]:
                   else f"no single width in {ctx.candidates} passes everywhere"))
 
     crit = ctx.criterion
-    drop = crit.get("max_drop")
-    rule = (f"{ctx.metric} at least {ctx.value(ctx.threshold)} (fp32 {ctx.value(ctx.base)} minus "
-            f"{'a fraction ' if crit.get('relative') else ''}{drop})" if ctx.threshold is not None else "the criterion")
+    if ctx.threshold is None:
+        rule = "the criterion"
+    elif crit.get("name") == "loss" or lower_is_better(ctx.metric):
+        rise = crit.get("max_rise", crit.get("max_drop"))
+        rule = f"{ctx.metric} at most {ctx.value(ctx.threshold)} (fp32 {ctx.value(ctx.base)} plus {ctx.margin(rise)})"
+    else:
+        rule = (f"{ctx.metric} at least {ctx.value(ctx.threshold)} (fp32 {ctx.value(ctx.base)} minus "
+                f"{ctx.margin(crit.get('max_drop'))})")
     if crit.get("name") == "converge":
         rule += (f", training not diverged and its final training loss at most "
                  f"{1 + float(crit.get('loss_tol', 0)):g}x fp32's")
@@ -145,9 +159,15 @@ def _answer(ctx: _Context) -> list[Section]:
              f"{', '.join(map(str, ctx.candidates))}.", "lead"),
         Table(mb, caption=f"Minimum {ctx.bits_label} per layer and kind (— : no candidate up to {top} passed)"),
     ]
+    cov = summary.get("coverage")
+    if cov:
+        left = pd.DataFrame(cov.get("left_out") or [], columns=["site", "kind", "reason"])
+        blocks.append(Text(f"Coverage: the search {cov['text']}.", "note"))
+        if not left.empty:
+            blocks.append(Table(left, caption="Sites and kinds the search leaves out, and why", index=False))
     if res.min_bits["monotone"].eq(False).any():
         bad = res.min_bits[res.min_bits["monotone"].eq(False)]
-        names = ", ".join(f"{r.layer}.{r.kind}" for r in bad.itertuples())
+        names = ", ".join(f"{r.layer} ({r.kind})" for r in bad.itertuples())
         blocks.append(Text(f"Not monotone: {names} passed at some width but failed at a larger one, so its "
                            "minimum depends on which widths were tried.", "note"))
     minimum = Section("Minimum bits per layer", "min-bits", "answer", blocks)
@@ -156,13 +176,18 @@ def _answer(ctx: _Context) -> list[Section]:
     measures = ("memory_bits", "bops", "train_bops") if "gradient" in ctx.kinds else ("memory_bits", "bops")
     keep = [c for c in table.columns if "_vs_" not in c or c.split("_vs_")[0] in measures]
     shown = table[keep].rename(columns=lambda c: " / ".join(_MEASURE_NAMES.get(p, p) for p in c.split("_vs_")))
-    formats = {c: ".3f" for c in shown.columns if " / " in c}
-    formats.update({ctx.metric: ".4f", "change": "+.4f"})
+    formats = {c: ".1%" for c in shown.columns if " / " in c}
+    if ctx.percent:
+        shown = shown.assign(change=shown["change"] * 100).rename(columns={"change": "change (pt)"})
+        formats.update({ctx.metric: ".1%", "change (pt)": "+.1f"})
+    else:
+        formats.update({ctx.metric: ".4g", "change": "+.4g"})
     joint_blocks = [
         Text(f"Every pair at its own minimum together, then raised where the combination failed "
              f"({steps} raise{'s' if steps != 1 else ''}). Costs are ratios: memory counts weight bits, "
              "BOPs multiply weight and activation bits per multiply-accumulate (training BOPs add the two "
-             "backward products); a kind at full precision counts 32 bits.", "p"),
+             "backward products); a kind at full precision counts 32 bits. `memory / fp32` is the joint plan's "
+             "weight memory as a percentage of fp32's, `memory / uniform` of the best uniform plan's.", "p"),
         Table(shown, caption=f"{ctx.metric.capitalize()} and cost of fp32, the best uniform width and the joint plan",
               formats=formats),
         Table(joint_plan_table(res.joint_plan, ctx.kinds or ("weight", "activation")),
@@ -177,13 +202,35 @@ def _answer(ctx: _Context) -> list[Section]:
 def _sensitivity(ctx: _Context) -> Section:
     res = ctx.run.result
     sens = sensitivity_table(res.trials, list(dict.fromkeys(res.min_bits["layer"])))
+    # In training the verdict also weighs the training loss, so a cell's metric alone cannot colour it.
+    by_verdict = ctx.run.mode not in (None, "ptq")
     fig = plots.sensitivity_heatmap(sens, baseline=ctx.base, threshold=ctx.threshold, metric_name=ctx.metric,
-                                    bits_label=ctx.bits_label)
-    caption = (f"{ctx.metric.capitalize()} with one (layer, kind) quantized at each width. Look for the rows "
-               "that turn red first: those layers need the most bits. Red cells fail the criterion and yellow "
-               "ones sit at its threshold (the line on the colour bar); the outlined cell is each row's minimum; "
-               "blank cells were never evaluated (bisection skips widths).")
-    return Section("Sensitivity: layer x bits", "sensitivity", "why", [Figure("sensitivity", figure_png(fig), caption)])
+                                    bits_label=ctx.bits_label, by_verdict=by_verdict)
+    if not by_verdict:
+        caption = (f"{ctx.metric.capitalize()} with one (layer, kind) quantized at each width. Look for the rows "
+                   "that turn red first: those layers need the most bits. Red cells fail the criterion and yellow "
+                   "ones sit at its threshold (the line on the colour bar); the outlined cell is each row's "
+                   "minimum; blank cells were never evaluated (bisection skips widths).")
+        return Section("Sensitivity: layer x bits", "sensitivity", "why",
+                       [Figure("sensitivity", figure_png(fig), caption)])
+    caption = (f"Training with one (layer, kind) quantized at each width: green cells pass the criterion, red "
+               f"ones fail it. Each cell gives the final {ctx.metric}; a failing cell also names what failed "
+               f"({ctx.metric}: below the threshold; train loss: the final training loss above the allowed "
+               "multiple of fp32's; diverged; error), so a red cell with a good "
+               f"{ctx.metric} failed on its loss. The outlined cell is each row's minimum; blank cells were never "
+               "evaluated (bisection skips widths).")
+    blocks: list[Any] = [Figure("sensitivity", figure_png(fig), caption)]
+    if "reason" in sens.columns:
+        failed = sens[~sens["passed"]]
+        if not failed.empty:
+            losses = {c: name for c, name in (("train_loss", "train loss"), ("loss", "val loss"))
+                      if c in failed.columns and c != ctx.metric}
+            shown = failed[["layer", "kind", "bits", "metric", *losses, "reason"]].rename(
+                columns={"metric": ctx.metric, **losses})
+            formats = {ctx.metric: ".1%" if ctx.percent else ".4g", **dict.fromkeys(losses.values(), ".4g")}
+            blocks.append(Table(shown, caption="Why each failing cell failed (trials.csv, column reason)",
+                                index=False, formats=formats))
+    return Section("Sensitivity: layer x bits", "sensitivity", "why", blocks)
 
 
 def _distributions(ctx: _Context) -> Section:

@@ -23,17 +23,21 @@ from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
+from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import NullFormatter, PercentFormatter
 
+from ..criteria import lower_is_better
+from ..result import format_metric, reason_causes
 from ..wrap import KINDS
 from .tables import STATISTIC_LABELS, STATISTICS, spearman
 
-__all__ = ["KIND_STYLE", "min_bits_scatter", "pareto_plot", "sensitivity_heatmap", "training_curves"]
+__all__ = ["KIND_STYLE", "VERDICT_COLORS", "min_bits_scatter", "pareto_plot", "sensitivity_heatmap", "training_curves"]
 
+VERDICT_COLORS = {True: "#1a9850", False: "#d73027"}
 KIND_STYLE = {"weight": ("#2f6db5", "o"), "activation": ("#d1495b", "s"), "gradient": ("#3a9d5d", "^")}
-_COST_LABELS = {"memory_bits_vs_fp32": "weight memory (fraction of fp32)",
-                "bops_vs_fp32": "inference BOPs (fraction of fp32)",
-                "train_bops_vs_fp32": "training BOPs (fraction of fp32)"}
+_COST_LABELS = {"memory_bits_vs_fp32": "weight memory (% of fp32)",
+                "bops_vs_fp32": "inference BOPs (% of fp32)",
+                "train_bops_vs_fp32": "training BOPs (% of fp32)"}
 
 
 def _empty(message: str, size: tuple[float, float] = (7.0, 1.6)) -> Figure:
@@ -50,13 +54,20 @@ def _kinds(frame: pd.DataFrame) -> list[str]:
 
 
 def sensitivity_heatmap(sens: pd.DataFrame, *, baseline: float | None = None, threshold: float | None = None,
-                        metric_name: str = "accuracy", bits_label: str = "bits") -> Figure:
+                        metric_name: str = "accuracy", bits_label: str = "bits", by_verdict: bool = False) -> Figure:
     """Layer x bits heatmap of the metric, one panel per kind, from :func:`~.tables.sensitivity_table`.
 
     Each cell is the metric with only that (layer, kind) quantized; failed cells say so,
     the smallest passing width of each row is outlined, and cells the search never
     evaluated stay blank. Colours run from the worst trial (red) through ``threshold``
-    (yellow) to ``baseline`` (green).
+    (yellow) to ``baseline`` (green). With ``by_verdict`` (training, where the verdict
+    also weighs the training loss) a cell is green when it passed and red when it failed,
+    and a failed cell names what failed (the causes of its ``reason``).
+
+    >>> s = pd.DataFrame({"layer": ["fc"], "kind": ["weight"], "bits": [2], "metric": [0.97], "passed": [False],
+    ...                   "reason": ["train loss 1.9 > 1.5 (1.5x fp32)"]})
+    >>> [t.get_text() for t in sensitivity_heatmap(s, by_verdict=True).axes[0].texts]
+    ['97.0%\\ntrain loss']
     """
     if sens.empty:
         return _empty("no single-layer trials in this run")
@@ -65,15 +76,22 @@ def sensitivity_heatmap(sens: pd.DataFrame, *, baseline: float | None = None, th
     bits = sorted(set(int(b) for b in sens["bits"]))
     finite = sens["metric"].to_numpy(float)
     finite = finite[np.isfinite(finite)]
-    top = baseline if baseline is not None and math.isfinite(baseline) else float(finite.max(initial=1.0))
-    top = max(top, float(finite.max(initial=top)))
-    low = min(float(finite.min(initial=top)), top - 1e-6)
+    lower = lower_is_better(metric_name)  # a loss: green at the baseline, red above the threshold
+    has_base = baseline is not None and math.isfinite(baseline)
+    if lower:
+        low = baseline if has_base else float(finite.min(initial=0.0))
+        low = min(low, float(finite.min(initial=low)))
+        top = max(float(finite.max(initial=low)), low + 1e-6)
+    else:
+        top = baseline if has_base else float(finite.max(initial=1.0))
+        top = max(top, float(finite.max(initial=top)))
+        low = min(float(finite.min(initial=top)), top - 1e-6)
     if threshold is not None and low < threshold < top:
-        # Red below the criterion's threshold, green above it, whatever the spread of failures.
+        # Red on the failing side of the criterion's threshold, green on the other, whatever the spread.
         norm: Normalize = TwoSlopeNorm(vcenter=threshold, vmin=low, vmax=top)
     else:
         norm = Normalize(vmin=low, vmax=top)
-    cmap = colormaps["RdYlGn"]
+    cmap = colormaps["RdYlGn_r" if lower else "RdYlGn"]
     width = min(13.0, 1.6 + len(kinds) * (0.62 * len(bits) + 1.2))
     fig = Figure(figsize=(width, 1.3 + 0.36 * len(layers)), dpi=110, layout="constrained")
     axes = fig.subplots(1, len(kinds), sharey=True, squeeze=False)[0]
@@ -86,30 +104,42 @@ def sensitivity_heatmap(sens: pd.DataFrame, *, baseline: float | None = None, th
             for j, b in enumerate(bits):
                 if (layer, b) not in part.index:
                     continue
-                value, passed = float(part.loc[(layer, b), "metric"]), bool(part.loc[(layer, b), "passed"])
-                color = cmap(norm(value)) if math.isfinite(value) else "#cccccc"
+                cell = part.loc[(layer, b)]
+                value, passed = float(cell["metric"]), bool(cell["passed"])
+                label = format_metric(metric_name, value) if math.isfinite(value) else "error"
+                if by_verdict:
+                    color, dark = VERDICT_COLORS[passed], True
+                    causes = [] if passed else reason_causes(cell.get("reason")) or ["fails"]
+                    text = "\n".join([label, *(c for c in causes if c != label)])
+                else:
+                    color = cmap(norm(value)) if math.isfinite(value) else "#cccccc"
+                    dark = math.isfinite(value) and not 0.2 < norm(value) < 0.8
+                    text = label if passed else f"{label}\nfails"
                 ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=color, edgecolor="white", lw=1.5))
-                dark = math.isfinite(value) and not 0.2 < norm(value) < 0.8
-                label = f"{value:.3f}" if math.isfinite(value) else "error"
-                ax.text(j, i, label if passed else f"{label}\nfails", ha="center", va="center", fontsize=8,
+                ax.text(j, i, text, ha="center", va="center", fontsize=8 if text.count("\n") < 2 else 6.5,
                         color="white" if dark else "#1f2430", linespacing=1.1)
             if passing:
                 j = bits.index(min(passing))
                 ax.add_patch(Rectangle((j - 0.46, i - 0.46), 0.92, 0.92, fill=False, edgecolor="#1f2430", lw=2))
         ax.set_xticks(range(len(bits)), [str(b) for b in bits])
-        ax.set_yticks(range(len(layers)), layers)
+        ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
         ax.set_xlabel(bits_label)
         ax.set_title(kind, fontsize=11)
         ax.tick_params(length=0)
         for spine in ax.spines.values():
             spine.set_visible(False)
+    if by_verdict:
+        fig.legend([Patch(color=VERDICT_COLORS[True]), Patch(color=VERDICT_COLORS[False])],
+                   ["passes the criterion", "fails (what failed in the cell)"], loc="outside lower center",
+                   ncols=2, frameon=False, fontsize=8.5)
+        return fig
     bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), shrink=0.9, pad=0.02)
     bar.set_label(metric_name)
     ticks = [norm.vmin, norm.vmax]
     if threshold is not None and math.isfinite(threshold) and norm.vmin <= threshold <= norm.vmax:
         bar.ax.axhline(threshold, color="#1f2430", lw=1.5)
         ticks.insert(1, threshold)
-    bar.set_ticks(ticks, labels=[f"{t:.3f}" for t in ticks])
+    bar.set_ticks(ticks, labels=[format_metric(metric_name, t) for t in ticks])
     return fig
 
 
@@ -223,6 +253,8 @@ def training_curves(curves: pd.DataFrame, *, baseline: Sequence[float] = (), val
         ax.axis("off")
     fig.supxlabel("epoch", fontsize=10)
     fig.supylabel("training loss" if value == "loss" else value.replace("_", " "), fontsize=10)
+    if format_metric(value, 0.5).endswith("%"):
+        axes[0].yaxis.set_major_formatter(PercentFormatter(1.0))
     handles, labels = [], []
     for ax in axes[:len(groups)]:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
@@ -237,7 +269,7 @@ def training_curves(curves: pd.DataFrame, *, baseline: Sequence[float] = (), val
 
 
 def _front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Indices of the points no other point beats in both cost (lower) and metric (higher), by cost."""
+    """Indices of the points no other point beats in both cost (lower) and ``y`` (higher), by cost."""
     order = np.lexsort((-y, x))
     best, keep = -np.inf, []
     for i in order:
@@ -259,11 +291,12 @@ def pareto_plot(points: pd.DataFrame, *, measures: Sequence[str] = ("memory_bits
     >>> p = pd.DataFrame({"group": ["fp32", "joint"], "plan": ["fp32", "j"], "bits": [32, None],
     ...                   "metric": [0.9, 0.89], "passed": [True, True], "memory_bits_vs_fp32": [1.0, 0.2]})
     >>> pareto_plot(p, measures=["memory_bits_vs_fp32"]).axes[0].get_xlabel()
-    'weight memory (fraction of fp32)'
+    'weight memory (% of fp32)'
     """
     measures = [m for m in measures if m in points.columns and points[m].notna().any()]
     if points.empty or not measures:
         return _empty("no plan costs stored in this run")
+    lower = lower_is_better(metric_name)
     fig = Figure(figsize=(5.4 * len(measures), 4.2), dpi=110, layout="constrained")
     axes = fig.subplots(1, len(measures), squeeze=False, sharey=True)[0]
     styles = {  # group: (colour, marker, size, label, z-order)
@@ -277,7 +310,7 @@ def pareto_plot(points: pd.DataFrame, *, measures: Sequence[str] = ("memory_bits
         ok = points[measure].notna() & np.isfinite(points["metric"].astype(float))
         pts = points[ok]
         x, y = pts[measure].to_numpy(float), pts["metric"].to_numpy(float)
-        front = _front(x, y)
+        front = _front(x, -y if lower else y)
         ax.step(x[front], y[front], where="post", color="#5b6273", lw=1, alpha=0.7, label="Pareto front", zorder=2)
         for group, (color, marker, size, label, z) in styles.items():
             g = pts[pts["group"] == group]
@@ -294,16 +327,25 @@ def pareto_plot(points: pd.DataFrame, *, measures: Sequence[str] = ("memory_bits
             ax.axhline(threshold, ls="--", color="#d1495b", lw=1, alpha=0.8, label="criterion threshold")
         if (x > 0).all() and x.max() / max(x.min(), 1e-12) > 8:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0))
         ax.set_xlabel(_COST_LABELS.get(measure, measure))
         ax.grid(alpha=0.25)
     axes[0].set_ylabel(metric_name)
+    if format_metric(metric_name, 0.5).endswith("%"):
+        axes[0].yaxis.set_major_formatter(PercentFormatter(1.0))
     low = points["metric"].astype(float)
     low = low[np.isfinite(low)]
     if threshold is not None and math.isfinite(threshold) and len(low):
-        # Failed plans can sit far below; keep the band near the threshold readable.
-        span = max(low.max() - threshold, 0.01)
-        bottom = min(max(low.min(), threshold - 10 * span), threshold)
-        axes[0].set_ylim(bottom - 0.1 * span, low.max() + 0.35 * span)
+        # Failed plans can sit far off; keep the band near the threshold readable.
+        if lower:
+            span = max(threshold - low.min(), 0.01)
+            top = max(min(low.max(), threshold + 10 * span), threshold)
+            axes[0].set_ylim(low.min() - 0.35 * span, top + 0.1 * span)
+        else:
+            span = max(low.max() - threshold, 0.01)
+            bottom = min(max(low.min(), threshold - 10 * span), threshold)
+            axes[0].set_ylim(bottom - 0.1 * span, low.max() + 0.35 * span)
     handles, labels = axes[-1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=min(7, len(labels)), fontsize=8, frameon=False)
     return fig

@@ -8,7 +8,6 @@ Each part is None (or empty) when its file is absent, so a report can say what i
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from ..result import RESULT_FILES, SearchResult
+from ..result import RESULT_FILES, SearchResult, baseline_curves, read_csv
 from ..store import TrialStore
 
 __all__ = ["RunFiles", "load_run"]
@@ -62,19 +61,6 @@ def _records(path: Path) -> dict[str, dict[str, Any]]:
     return {key: store.get(key) for key in store.keys()}
 
 
-def _baseline_curves(path: Path) -> list[dict[str, list[float]]]:
-    if not path.exists():
-        return []
-    import torch
-
-    try:
-        entries = torch.load(path, weights_only=True)
-    except Exception:  # a cache the report cannot read only costs the reference curve
-        return []
-    return [{"seed": json.loads(e["key"]).get("seed"), "loss_curve": list(e.get("loss_curve", [])),
-             "val_curve": list(e.get("val_curve", []))} for e in entries.values()] if isinstance(entries, dict) else []
-
-
 def load_run(run_dir: str | Path) -> RunFiles:
     """Read a run directory: result files, trial store, config, meta, recorded statistics.
 
@@ -95,7 +81,7 @@ def load_run(run_dir: str | Path) -> RunFiles:
         run.recorder = Recorder.load(path / "stats.pt")
         run.stats = run.recorder.to_frame()
     elif (path / "stats.csv").exists():
-        run.stats = pd.read_csv(path / "stats.csv")
+        run.stats = read_csv(path / "stats.csv")
     if run.mode == "train":
-        run.baseline_curves = _baseline_curves(path / "baseline.pt")
+        run.baseline_curves = baseline_curves(path / "baseline.pt", run.search_config.get("seeds"))
     return run

@@ -82,7 +82,7 @@ def plot_log2_hist(hist: pd.DataFrame, formats: Sequence[str | Format | tuple[st
     ...                      "n": [5], "min": [-3e-4], "max": [3e-4], "zeros": [5], "count": [10]})
     >>> ax = plot_log2_hist(hist, [("fixed", 8)]).axes[0]
     >>> ax.get_title(), ax.texts[0].get_text()
-    ('fc · gradient', 'zeros 50%')
+    ('fc · gradient', 'zeros 50.0%')
     """
     specs = list(formats)
     for spec in specs:  # bad names fail here, before any drawing
@@ -121,7 +121,7 @@ def plot_log2_hist(hist: pd.DataFrame, formats: Sequence[str | Format | tuple[st
             ax.axvspan(clip, clip + 400, color=color, alpha=0.06, lw=0)
             spans[j] += [flush, clip]
         if zeros:
-            ax.text(0.98, 0.92, f"zeros {zeros / count:.0%}", transform=ax.transAxes, ha="right", va="top",
+            ax.text(0.98, 0.92, f"zeros {zeros / count:.1%}", transform=ax.transAxes, ha="right", va="top",
                     fontsize=7, color="#5b6273")
         ax.set_title(f"{layer} · {kind}", fontsize=8.5)
         ax.tick_params(labelsize=7)

@@ -145,7 +145,8 @@ def _num(value: Any) -> float:
 
 
 def sensitivity_table(trials: pd.DataFrame, layers: Sequence[str] = ()) -> pd.DataFrame:
-    """Trials that quantized one (layer, kind) alone: ``layer, kind, bits, metric, passed``.
+    """Trials that quantized one (layer, kind) alone: ``layer, kind, bits, metric, passed``, and
+    ``train_loss``, ``loss`` and ``reason`` where ``trials`` has them.
 
     Rows are sorted by ``layers`` (the search order; others after, by name), kind and bits.
 
@@ -155,6 +156,7 @@ def sensitivity_table(trials: pd.DataFrame, layers: Sequence[str] = ()) -> pd.Da
     [['fc1', 'weight', 4, 0.9, True]]
     """
     cols = ["layer", "kind", "bits", "metric", "passed"]
+    cols += [c for c in ("train_loss", "loss", "reason") if c in trials.columns and c not in cols]
     iso = trials[_isolated(trials)].drop_duplicates(["layer", "kind", "bits"], keep="last")[cols]
     iso = iso.astype({"bits": int, "metric": float, "passed": bool})
     order = {name: i for i, name in enumerate(dict.fromkeys([*layers, *sorted(set(iso["layer"]))]))}
