@@ -78,7 +78,8 @@ def run_trial_item(context: TrialContext, item: tuple[str, dict, int]) -> tuple[
     >>> data = TensorDataset(torch.randn(16, 4), torch.arange(16) % 2)
     >>> task = Task("toy", lambda: torch.nn.Sequential(torch.nn.Linear(4, 2)), data, data)
     >>> options = _trial.TrialOptions(epochs=1)
-    >>> context = TrialContext(task, options, {0: _trial.train_baseline(task, options)})
+    >>> baseline = _trial.train_baseline(task, options, allow_chance=True)  # random labels: chance is all there is
+    >>> context = TrialContext(task, options, {0: baseline})
     >>> key, outcome = run_trial_item(context, ("k1", {"0": {"weight": "int4"}}, 0))
     >>> key, sorted(outcome["metrics"])
     ('k1', ['accuracy', 'loss'])

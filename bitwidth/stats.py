@@ -286,7 +286,10 @@ class Recorder:
         return torch.from_numpy(self._streams[key].sample.copy())
 
     def save(self, path: str | Path) -> None:
-        """Write everything (statistics, histograms, samples) to a ``.pt`` file.
+        """Write everything (statistics, histograms, samples) to a ``.pt`` file, whole or not at all.
+
+        The file is written under a temp name unique to this process and renamed onto
+        ``path``, so a kill or a concurrent writer never leaves a partial file.
 
         >>> import tempfile, pathlib
         >>> model = nn.Sequential(nn.Linear(2, 1))
@@ -302,7 +305,10 @@ class Recorder:
             "seed": self.seed, "step_index": self.step_index, "layers": self.layers,
             "streams": [{"key": list(k), **s.state()} for k, s in self._rows()],
         }
-        torch.save(state, path)
+        from .store import atomic_file  # only writing needs it
+
+        with atomic_file(path, "wb") as f:
+            torch.save(state, f)
 
     @classmethod
     def load(cls, path: str | Path) -> Recorder:

@@ -7,6 +7,17 @@ the plan active in forward and backward; record the per-epoch curves.
 Divergence rule (train mode): training stops and the trial is marked ``diverged`` as soon
 as a batch's loss is NaN or infinite, or exceeds ``diverge_factor`` times the initial loss
 (the loss of the very first batch, before any update). The remaining epochs are skipped.
+A batch whose inputs or targets hold NaN or Inf is not a divergence but a fault of the
+data: training raises :class:`NonFiniteData` naming the batch and epoch before using it.
+
+Chance rule (baseline): a baseline no better than chance makes every plan pass, so
+:func:`train_baseline` raises :class:`BaselineAtChance` unless ``allow_chance=True``. With
+one label per sample (a classifier) chance is the larger of ``1 / num_classes`` plus a
+margin (two standard errors of random guessing on the validation set, at least
+:data:`CHANCE_MARGIN`) and the majority-class frequency of the validation labels, judged
+on validation accuracy; with a label per position (a language model) it is the validation
+loss of predicting the training label frequencies everywhere. Float targets (regression)
+are not judged.
 
 Weight storage (train mode): ``master_weights="fp32"`` keeps fp32 weights and quantizes
 them in forward (quantization-aware training); ``"quantized"`` rounds every parameter of
@@ -35,7 +46,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import traceback
 from collections.abc import Mapping
@@ -48,15 +58,19 @@ import torch.nn.functional as TF
 from torch import nn
 
 from .sites import engine_of
-from .tasks.base import TaskLike, digest, evaluate
+from .store import atomic_file
+from .tasks.base import TaskLike, _class_dim, digest, evaluate
 from .wrap import Plan, calibrate, resolve_plan, set_plan, wrap
 
 __all__ = [
     "BASELINE_FILE",
+    "CHANCE_MARGIN",
     "MASTER_WEIGHTS",
     "MODES",
     "OPTIMIZERS",
     "Baseline",
+    "BaselineAtChance",
+    "NonFiniteData",
     "TrialOptions",
     "TrialOutcome",
     "run_trial",
@@ -69,6 +83,23 @@ MASTER_WEIGHTS = ("fp32", "quantized")
 BASELINE_FILE = "baseline.pt"
 # The options that change how the baseline is trained; the others only change trials.
 _TRAINING_KEYS = ("seed", "epochs", "lr", "batch_size", "optimizer", "momentum", "weight_decay", "device")
+# The least margin above 1 / num_classes that is still chance: a few lucky samples are not learning.
+CHANCE_MARGIN = 0.02
+
+
+class BaselineAtChance(ValueError):
+    """The fp32 baseline is no better than chance on ``metric``: a search against it would pass every plan.
+
+    ``value`` is the baseline's validation metric, ``chance`` the level it had to beat.
+    """
+
+    def __init__(self, message: str, metric: str, value: float, chance: float) -> None:
+        super().__init__(message)
+        self.metric, self.value, self.chance = metric, value, chance
+
+
+class NonFiniteData(ValueError):
+    """A batch of the task's data holds NaN or Inf: the data is at fault, not the training."""
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -172,12 +203,19 @@ class TrialOutcome:
 
 # ----------------------------------------------------------------------------- baseline
 
-def train_baseline(task: TaskLike, options: TrialOptions, cache_dir: Path | str | None = None) -> Baseline:
+def train_baseline(
+    task: TaskLike, options: TrialOptions, cache_dir: Path | str | None = None, *, allow_chance: bool = False
+) -> Baseline:
     """Train the fp32 baseline, or reuse ``cache_dir/baseline.pt`` when it matches exactly.
 
     The file holds one entry per seed of the same task and training options; an entry
     whose key (task fingerprint, seed, training options) differs is retrained, and entries
     of another task or other options are dropped when the file is rewritten.
+
+    Raises :class:`BaselineAtChance` when the trained baseline is no better than chance
+    (see the module docstring), also on a cache hit, unless ``allow_chance``; such a
+    baseline is still cached, so passing ``allow_chance=True`` afterwards does not retrain.
+    Raises :class:`NonFiniteData` when a training or validation batch holds NaN or Inf.
     """
     key = {"task": task.fingerprint(), **options.training_key()}
     key_json = json.dumps(key, sort_keys=True, default=str)
@@ -185,6 +223,7 @@ def train_baseline(task: TaskLike, options: TrialOptions, cache_dir: Path | str 
     entries = _load_entries(path)
     hit = entries.get(digest(key_json.encode()))
     if hit is not None and hit["key"] == key_json:
+        _raise_at_chance(hit.get("at_chance"), allow_chance)
         return _baseline_from_entry(hit, key)
 
     with torch.random.fork_rng(devices=_rng_devices(options.device)):
@@ -195,17 +234,19 @@ def train_baseline(task: TaskLike, options: TrialOptions, cache_dir: Path | str 
         metrics = _evaluate(model, task, options.device)
     if diverged:
         raise RuntimeError(f"the fp32 baseline diverged (loss curve {loss_curve}); lower lr or change options")
+    at_chance = _at_chance(model, task, options, metrics)
     base = Baseline(_cpu_state(model), metrics, loss_curve, init, val_curve, key)
     if path is not None:
         same_config = {k: e for k, e in entries.items() if _same_config(e["key"], key)}
         same_config[digest(key_json.encode())] = {
             "key": key_json, "state_dict": base.state_dict, "init_state_dict": init,
-            "metrics": metrics, "loss_curve": loss_curve, "val_curve": val_curve,
+            "metrics": metrics, "loss_curve": loss_curve, "val_curve": val_curve, "at_chance": at_chance,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(same_config, tmp)
-        os.replace(tmp, path)  # atomic: a killed run never leaves a half-written baseline
+        # A temp name unique to this process, then one rename: a killed run never leaves a
+        # half-written baseline, and two runs sharing a cache never write the same temp file.
+        with atomic_file(path, "wb") as f:
+            torch.save(same_config, f)
+    _raise_at_chance(at_chance, allow_chance)
     return base
 
 
@@ -238,6 +279,92 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _rng_devices(device: str) -> list:
     return [torch.device(device)] if torch.device(device).type == "cuda" else []
+
+
+# ----------------------------------------------------------------------------- chance level
+
+def _raise_at_chance(at_chance: dict | None, allow: bool) -> None:
+    if at_chance and not allow:
+        raise BaselineAtChance(at_chance["message"], at_chance["metric"], at_chance["value"], at_chance["chance"])
+
+
+@torch.no_grad()
+def _at_chance(model: nn.Module, task: TaskLike, options: TrialOptions, metrics: dict[str, float]) -> dict | None:
+    """``{message, metric, value, chance}`` when the trained ``model`` is no better than chance, else None.
+
+    Costs one sample's forward pass (to count the classes) and one pass over the validation
+    batches; with a label per position also one over the training batches and a second over
+    the validation ones, none of them through the model.
+    """
+    x, y = next(iter(task.val_batches()))
+    if y.is_floating_point() or y.is_complex():
+        return None  # regression: no class frequencies to be at the chance level of
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(x[:1].to(options.device))  # (1, C), (1, C, ...) or (1, T, V)
+    finally:
+        model.train(was_training)
+    dim = _class_dim(out, y[:1])
+    if dim is None:
+        return None
+    num_classes = out.shape[dim]
+    val_counts = _label_counts(task.val_batches(), num_classes, "validation")
+    advice = (f"check lr ({options.lr}), epochs ({options.epochs}) and the data (labels shuffled or not "
+              f"matching the inputs); pass allow_chance=True to train_baseline to use this baseline anyway")
+    if y.dim() == 1:  # one label per sample: a classifier, judged on accuracy
+        n, guess = float(val_counts.sum()), 1 / num_classes
+        majority = float(val_counts.max()) / n
+        # A random guesser's accuracy on n samples spreads by sqrt(p (1 - p) / n): two of those
+        # above 1 / num_classes (at least CHANCE_MARGIN) is still luck, not learning.
+        margin = max(CHANCE_MARGIN, 2 * math.sqrt(guess * (1 - guess) / n))
+        chance = max(guess + margin, majority)
+        value = metrics["accuracy"]
+        if value > chance:
+            return None
+        return {"metric": "accuracy", "value": value, "chance": chance, "message": (
+            f"the fp32 baseline is no better than chance: validation accuracy {value:.4f} <= {chance:.4f}, the "
+            f"larger of 1/{num_classes} classes + {margin:.4f} (random guessing on {n:.0f} samples) and the "
+            f"majority-class frequency {majority:.4f} of the validation labels; every plan would pass against it: "
+            f"{advice}")}
+    # A label per position (a language model): judged on the loss of a model that learned
+    # only how often each label occurs in training (+0.5 per label: none gets probability 0).
+    train_counts = _label_counts(task.train_batches(options.seed, 0, batch_size=options.batch_size),
+                                 num_classes, "training")
+    log_freq = ((train_counts + 0.5) / (train_counts.sum() + 0.5 * num_classes)).log().float()
+    chance = _constant_loss(task, log_freq, dim)
+    value = metrics["loss"]
+    if value < chance:
+        return None
+    return {"metric": "loss", "value": value, "chance": chance, "message": (
+        f"the fp32 baseline is no better than chance: validation loss {value:.4f} >= {chance:.4f}, the loss of "
+        f"predicting the training label frequencies of its {num_classes} classes at every position; "
+        f"every plan would pass against it: {advice}")}
+
+
+def _label_counts(batches: Any, num_classes: int, split: str) -> torch.Tensor:
+    """How often each class ``0 .. num_classes - 1`` is a target (others, e.g. an ignore index, are skipped)."""
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for i, (x, y) in enumerate(batches):
+        _check_finite(x, y, f"{split} batch {i}")
+        labels = y.flatten().cpu().long()
+        labels = labels[(labels >= 0) & (labels < num_classes)]
+        counts += torch.bincount(labels, minlength=num_classes).double()
+    return counts
+
+
+def _constant_loss(task: TaskLike, log_freq: torch.Tensor, dim: int) -> float:
+    """The task's validation loss (as :func:`evaluate` weighs it) of ``log_freq`` as the scores everywhere."""
+    loss_fn = getattr(task, "loss_fn", TF.cross_entropy)
+    total, loss_sum = 0, 0.0
+    for _, y in task.val_batches():
+        if dim == -1:  # (..., C) for (...)
+            scores = log_freq.expand(*y.shape, len(log_freq))
+        else:  # (N, C, d1, ...) for (N, d1, ...)
+            scores = log_freq.view(1, -1, *[1] * (y.dim() - 1)).expand(len(y), -1, *y.shape[1:])
+        loss_sum += float(loss_fn(scores.contiguous(), y)) * y.numel()
+        total += y.numel()
+    return loss_sum / max(total, 1)
 
 
 # ----------------------------------------------------------------------------- trials
@@ -337,8 +464,9 @@ def _train(
     for epoch in range(options.epochs):
         model.train()
         total, count = 0.0, 0
-        for x, y in task.train_batches(options.seed, epoch, batch_size=options.batch_size):
+        for step, (x, y) in enumerate(task.train_batches(options.seed, epoch, batch_size=options.batch_size)):
             x, y = x.to(options.device), y.to(options.device)
+            _check_finite(x, y, f"training batch {step} of epoch {epoch}")
             loss = loss_fn(model(x), y)
             value = loss.item()
             initial = value if initial is None else initial
@@ -352,6 +480,26 @@ def _train(
         loss_curve.append(total / max(count, 1))
         val_curve.append(_evaluate(model, task, options.device)["accuracy"])
     return loss_curve, val_curve, False
+
+
+def _check_finite(x: torch.Tensor, y: torch.Tensor, where: str) -> None:
+    """Raise :class:`NonFiniteData` if float inputs or targets hold NaN or Inf.
+
+    Costs one sum over the batch (NaN and Inf survive a sum; only a sum that is not finite,
+    which huge finite values can also give, pays for the exact elementwise test) and, on an
+    accelerator, one sync, which ``loss.item()`` makes anyway. Integer data (token ids,
+    labels) cannot hold either and is skipped.
+    """
+    for name, t in (("inputs", x), ("targets", y)):
+        if not (t.is_floating_point() or t.is_complex()) or bool(torch.isfinite(t.sum())):
+            continue
+        bad = ~torch.isfinite(t)
+        if bad.any():
+            rows = bad.reshape(len(t), -1).any(1).nonzero().flatten().tolist() if t.dim() else []
+            raise NonFiniteData(
+                f"{where} has {int(bad.sum())} NaN/Inf value(s) in its {name} (rows {rows[:10]} of the batch): "
+                f"the data is at fault, not the training (this is not a divergence; lowering lr will not help); "
+                f"clean or drop those samples")
 
 
 def _evaluate(model: nn.Module, task: TaskLike, device: str) -> dict[str, float]:
