@@ -45,6 +45,8 @@ __all__ = ["select_layers", "select_pairs", "STORE_FILE", "ProgressEvent", "Tria
            "run_trial_item"]
 
 STORE_FILE = "trials.jsonl"
+# Above this many (site, kind) pairs the post-training joint step is lazy (see _search).
+EXHAUSTIVE_JOINT_PAIRS = 16
 
 
 @dataclass(frozen=True)
@@ -307,7 +309,8 @@ def run_search(
     count total bits.
 
     Order: baseline(s), the per-pair strategy, the best uniform width, then the joint
-    step (:func:`bitwidth.search.joint`): in ptq every raise is measured at every step;
+    step (:func:`bitwidth.search.joint`): in ptq every raise is measured at every step
+    (lazily, as in train mode, beyond ``EXHAUSTIVE_JOINT_PAIRS`` pairs);
     in train mode the greedy is lazy and capped per pair at the larger of its minimum
     and the uniform width. With several seeds a plan is judged by the mean over
     seeds against the baselines' mean (the criterion's ``passes_seeds``).
@@ -394,15 +397,17 @@ def _search(evaluate: _Evaluator, space: SearchSpace, strategy: str, costs: Cost
     # Training runs are expensive and noisy: a lazy greedy, and no pair raised past the uniform
     # width that passes (or its own minimum) while others can still rise, so noise cannot lure
     # it into raising cheap layers for nothing. Post-training trials are cheap and exact: every
-    # raise is measured at every step, uncapped.
+    # raise is measured at every step, uncapped, unless there are so many pairs (every site of a
+    # transformer) that a round per step costs pairs x steps trials: then the lazy greedy too.
     noisy = evaluate.options.mode == "train"
+    lazy = noisy or len(minima) > EXHAUSTIVE_JOINT_PAIRS
     ceiling = None if same.bits is None or not noisy else {
         p: None if n is None else max(n, same.bits) for p, n in minima.items()}
-    failing = sum(1 for n_ in minima.values() if n_ is None)
-    evaluate.start("joint", "joint plan", plans=1 + max(1, len(minima) // 4) + failing)
+    steps = max(1, len(minima) // 4) + sum(1 for n_ in minima.values() if n_ is None)
+    evaluate.start("joint", "joint plan", plans=1 + steps * (1 if lazy else len(minima)))
     # Idle workers prefetch the lazy greedy's likely next trials (same result, fewer rounds).
     combined = joint(evaluate, space, minima, cost=lambda p: costs.relative(p, measures), ceiling=ceiling,
-                     lazy=noisy, higher_is_better="loss" not in metric_name,
+                     lazy=lazy, higher_is_better="loss" not in metric_name,
                      prefetch=max(0, getattr(evaluate.executor, "workers", 1) - 1))
     trials = pd.concat([pairs.trials, same.trials, combined.trials], ignore_index=True)
     evaluate.start("done", f"{evaluate.run} trials run, {evaluate.reused} reused")

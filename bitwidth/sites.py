@@ -309,33 +309,30 @@ class Engine:
     # ------------------------------------------------------------------ ops
     def run_op(self, op: Op, func: Callable, args: tuple, kwargs: dict) -> Any:
         values = operands(op, args, kwargs)
-        slot = next((s for s in map(self._weight_site, values) if s is not None), None)
+        weights = [self._weight_site(v) for v in values]  # which operands are weight sites
+        slot = next((s for s in weights if s is not None), None)
         if op.name == "sdpa":
             base = self._functional("sdpa")
             base = base[:-2] if base.endswith(".0") else base  # the first call is plain "sdpa"
             names = [f"{base}.{x}" for x in "qkv"]
-            grad_site = names[2]
         else:
-            site = slot.name if slot is not None else self._functional(op.name)
-            names, grad_site = [site] * len(values), site
-        if slot is None and op.name != "sdpa":
-            self.seen.setdefault(grad_site, op.name)
-        elif op.name == "sdpa":
-            for n in names:
-                self.seen.setdefault(n, op.name)
+            names = [slot.name if slot is not None else self._functional(op.name)] * len(values)
+        if slot is None or op.name == "sdpa":
+            for name in dict.fromkeys(names):
+                self.seen.setdefault(name, op.name)
+        acts = [i for i, (v, w) in enumerate(zip(values, weights, strict=True))
+                if w is None and isinstance(v, Tensor) and v.is_floating_point()]
         new = list(values)
-        for i, (name, v) in enumerate(zip(names, values, strict=True)):
-            if not isinstance(v, Tensor) or not v.is_floating_point() or self._weight_site(v) is not None:
-                continue
-            new[i] = self._activation(name, v)
-        if any(a is not b for a, b in zip(new, values, strict=True)):
+        for i in acts:
+            new[i] = self._activation(names[i], values[i])
+        if any(new[i] is not values[i] for i in acts):
             args, kwargs = with_operands(op, args, kwargs, new)
         out = func(*args, **kwargs)
         if self.trace is not None:
-            self._trace_op(op, args, names, values, out, slot)
-        out = self._gradient(grad_site, out)
+            self._trace_op(op, args, names, values, acts, out, slot)
+        out = self._gradient(names[-1], out)
         if self.taps:
-            self._tap_output(op, args, names, values, out, grad_site)
+            self._tap_output(op, args, names, values, out, names[-1])
         return out
 
     def _tap_output(self, op: Op, args: tuple, names: list[str], values: list, out: Any, site: str) -> None:
@@ -387,25 +384,20 @@ class Engine:
 
         return F.quantize_gradient(out, on_grad)
 
-    def _trace_op(self, op: Op, args: tuple, names: list[str], values: list, out: Any, slot: WeightSlot | None) -> None:
+    def _trace_op(self, op: Op, args: tuple, names: list[str], values: list, acts: list[int], out: Any,
+                  slot: WeightSlot | None) -> None:
         tr = self.trace
         assert tr is not None
         macs = op_macs(op, args, values, out)
-        if op.name == "sdpa":
-            qk, pv = sdpa_macs(*values[:3])
-            per = [qk, qk, pv]  # the MACs of the product each input enters
-        else:
-            per = [macs] * len(values)
+        per = list(sdpa_macs(*values[:3])) if op.name == "sdpa" else [macs]
+        per = [per[0], per[0], per[1]] if op.name == "sdpa" else per * len(values)  # the product each enters
         if slot is not None:
             tr.add(slot.name, "weight", type(slot.module).__name__, slot.param, macs)
-        acts = [(n, v, m) for n, v, m in zip(names, values, per, strict=True)
-                if isinstance(v, Tensor) and v.is_floating_point() and self._weight_site(v) is None]
-        for name in dict.fromkeys(n for n, _, _ in acts):  # one row per site: a matmul's two inputs share it
-            mine = [(v, m) for n, v, m in acts if n == name]
-            tr.add(name, "activation", op.name, mine[0][0], mine[0][1], inputs=len(mine))
-        site = names[-1]
+        for name in dict.fromkeys(names[i] for i in acts):  # one row per site: a matmul's two inputs share it
+            mine = [i for i in acts if names[i] == name]
+            tr.add(name, "activation", op.name, values[mine[0]], per[mine[0]], inputs=len(mine))
         if isinstance(out, Tensor) and out.is_floating_point():
-            tr.add(site, "gradient", op.name, out, per[-1] if op.name == "sdpa" else macs)
+            tr.add(names[-1], "gradient", op.name, out, per[-1])
 
     def run_rnn(self, kind: str, func: Callable, args: tuple, kwargs: dict) -> Any:
         """A fused recurrent kernel, step by step through ``linear`` (packed input: fused)."""
