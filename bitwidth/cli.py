@@ -307,12 +307,15 @@ def _criterion(cfg: Config) -> Any:
 
 
 def _print_answer(result: Any, paths: dict[str, Path]) -> None:
+    from .result import format_metric
+
     table = result.min_bits[["layer", "kind", "min_bits"]].pivot(index="layer", columns="kind", values="min_bits")
     print(table.to_string())
     joint = result.summary.get("joint", {})
     uni = result.summary.get("uniform", {})
-    print(f"joint plan: {'passes' if joint.get('passed') else 'FAILS'} with metric {joint.get('metric')}; "
-          f"best uniform width: {uni.get('bits')}")
+    name = result.summary.get("baseline", {}).get("metric_name", "accuracy")
+    print(f"joint plan: {'passes' if joint.get('passed') else 'FAILS'} with {name} "
+          f"{format_metric(name, joint.get('metric'))}; best uniform width: {uni.get('bits')}")
     cov = result.summary.get("coverage")
     if cov:
         print(f"coverage: the search {cov['text']}")
