@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from . import __version__
+from . import rundir as rd
 from .config import Config, ConfigError, config_to_yaml, load_config, variant_configs
 
 __all__ = ["main"]
@@ -118,10 +119,10 @@ def _cmd_validate(path: str, overrides: list[str]) -> int:
 def _setup_run_dir(cfg: Config, run_dir: Path, fresh: bool) -> Path:
     try:
         if fresh and run_dir.exists():
-            for name in ("trials.jsonl", "baseline.pt"):
+            for name in (rd.TRIALS, rd.BASELINE):
                 (run_dir / name).unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+        (run_dir / rd.CONFIG).write_text(config_to_yaml(cfg))
         _log_to(run_dir)
     except OSError as err:  # --out naming a file, a read-only directory: the user's to fix
         raise UsageError(f"cannot write the run directory {run_dir}: {err.strerror or err}") from None
@@ -131,7 +132,7 @@ def _setup_run_dir(cfg: Config, run_dir: Path, fresh: bool) -> Path:
 def _log_to(run_dir: Path) -> None:
     """Send the log to ``run_dir/run.log`` (only there: one log file per run directory)."""
     _close_logs()
-    handler = logging.FileHandler(run_dir / "run.log")
+    handler = logging.FileHandler(run_dir / rd.LOG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -176,8 +177,8 @@ def _record_stats(cfg: Config, task: Any, run_dir: Path, out: Path | None = None
             loss_fn(model(x), y).backward()
     out = out or run_dir
     out.mkdir(parents=True, exist_ok=True)
-    rec.save(out / "stats.pt")
-    rec.to_frame().to_csv(out / "stats.csv", index=False)
+    rec.save(out / rd.STATS)
+    rec.to_frame().to_csv(out / rd.STATS_CSV, index=False)
     log.info("recorded statistics of %d (layer, kind) pairs", len(rec.to_frame()))
 
 
@@ -233,7 +234,7 @@ def _meta(cfg: Config, run_dir: Path, wall: float, result: Any) -> None:
         "wall_time_s": round(wall, 2), "trials_run": counts.get("trials_run"),
         "trials_reused": counts.get("trials_reused"), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    (run_dir / "meta.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+    (run_dir / rd.META).write_text(yaml.safe_dump(meta, sort_keys=False))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -252,7 +253,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         results[name], paths = _run_one(variant, variant.run_dir, args)
         _print_answer(results[name], paths)
     _log_to(cfg.run_dir)
-    (cfg.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    (cfg.run_dir / rd.CONFIG).write_text(config_to_yaml(cfg))
     paths = write_comparison(cfg.run_dir, list(results))
     print(f"comparison of {', '.join(results)}: {paths['html']}")
     return 0
@@ -340,11 +341,11 @@ def _cmd_report(run_dir: str) -> int:
     from .report import write_report
 
     path = Path(run_dir)
-    if (path / "variants.yaml").exists():
+    if (path / rd.VARIANTS).exists():
         from .report.compare import write_variant_reports
 
         paths = write_variant_reports(path)  # checks every name first: nothing is written outside the run
-    elif (path / "summary.yaml").exists() or (path / "stats.pt").exists():
+    elif (path / rd.SUMMARY).exists() or (path / rd.STATS).exists():
         paths = write_report(path)
     else:
         raise UsageError(f"{run_dir}: not a run directory (no summary.yaml or stats.pt); run `bitwidth run` first")

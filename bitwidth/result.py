@@ -32,6 +32,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from . import rundir as rd
 from .criteria import criterion_from_dict, lower_is_better
 from .wrap import QuantSpec, plan_from_dict, plan_to_dict
 
@@ -49,13 +50,12 @@ __all__ = [
 ]
 
 MIN_BITS_COLUMNS = ("layer", "kind", "min_bits", "metric_at_min", "evaluations", "monotone")
-RESULT_FILES = ("trials.csv", "min_bits.csv", "costs.csv", "joint_plan.yaml", "summary.yaml")
+RESULT_FILES = (rd.TRIALS_CSV, rd.MIN_BITS, rd.COSTS, rd.JOINT_PLAN, rd.SUMMARY)
 # Columns of a run's CSV files that hold names or free text, never numbers or booleans.
 TEXT_COLUMNS = frozenset({"layer", "site", "kind", "group", "plan", "strategy", "keys", "error", "reason",
                           "variant", "op", "layer_type", "format", "family", "statistic", "scope"})
 # pandas' own dtype for text read from a CSV (``str`` from pandas 3, ``object`` before).
 _TEXT_DTYPE = pd.Series(["text"]).dtype
-_STORE_FILE = "trials.jsonl"  # bitwidth.runner.STORE_FILE (the runner imports this module)
 
 
 def read_csv(path: str | os.PathLike[str], **kwargs: Any) -> pd.DataFrame:
@@ -256,9 +256,9 @@ def with_outcomes(trials: pd.DataFrame, summary: Mapping[str, Any],
 def _annotated(trials: pd.DataFrame, summary: Mapping[str, Any], directory: Path) -> pd.DataFrame:
     """:func:`with_outcomes` from the files of ``directory`` (trial store, fp32 baseline)."""
     seeds = (summary.get("config") or {}).get("seeds")
-    finals = [float(c["loss_curve"][-1]) for c in baseline_curves(directory / "baseline.pt", seeds)
+    finals = [float(c["loss_curve"][-1]) for c in baseline_curves(directory / rd.BASELINE, seeds)
               if c["loss_curve"]]
-    return with_outcomes(trials, summary, _stored_records(directory / _STORE_FILE),
+    return with_outcomes(trials, summary, _stored_records(directory / rd.TRIALS),
                          statistics.fmean(finals) if finals else None)
 
 
@@ -329,12 +329,12 @@ class SearchResult:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         self.trials = _annotated(self.trials, self.summary, out)
-        self.trials.to_csv(out / "trials.csv", index=False)
-        self.min_bits.to_csv(out / "min_bits.csv", index=False)
-        self.costs.to_csv(out / "costs.csv", index_label="plan")
-        with open(out / "joint_plan.yaml", "w", encoding="utf-8") as f:
+        self.trials.to_csv(out / rd.TRIALS_CSV, index=False)
+        self.min_bits.to_csv(out / rd.MIN_BITS, index=False)
+        self.costs.to_csv(out / rd.COSTS, index_label="plan")
+        with open(out / rd.JOINT_PLAN, "w", encoding="utf-8") as f:
             yaml.safe_dump(_plain(plan_to_dict(self.joint_plan)), f, sort_keys=False)
-        with open(out / "summary.yaml", "w", encoding="utf-8") as f:
+        with open(out / rd.SUMMARY, "w", encoding="utf-8") as f:
             yaml.safe_dump(_plain(self.summary), f, sort_keys=False)
 
     @classmethod
@@ -344,18 +344,18 @@ class SearchResult:
         missing = [name for name in RESULT_FILES if not (src / name).exists()]
         if missing:
             raise ValueError(f"{src} is not a search result directory: missing {', '.join(missing)}")
-        trials = read_csv(src / "trials.csv")
+        trials = read_csv(src / rd.TRIALS_CSV)
         if "bits" in trials:
             trials["bits"] = trials["bits"].astype("Int64")
-        min_bits = read_csv(src / "min_bits.csv").astype(
+        min_bits = read_csv(src / rd.MIN_BITS).astype(
             {"min_bits": "Int64", "metric_at_min": float, "monotone": "boolean"})
         try:
-            costs = read_csv(src / "costs.csv", index_col="plan")
+            costs = read_csv(src / rd.COSTS, index_col="plan")
         except (pd.errors.EmptyDataError, ValueError):
             costs = pd.DataFrame()
-        with open(src / "joint_plan.yaml", encoding="utf-8") as f:
+        with open(src / rd.JOINT_PLAN, encoding="utf-8") as f:
             plan = plan_from_dict(yaml.safe_load(f) or {})
-        with open(src / "summary.yaml", encoding="utf-8") as f:
+        with open(src / rd.SUMMARY, encoding="utf-8") as f:
             summary = yaml.safe_load(f) or {}
         if "reason" not in trials.columns:  # written before trials.csv kept the reasons
             trials = _annotated(trials, summary, src)

@@ -30,6 +30,7 @@ import pandas as pd
 import torch.nn.functional as TF
 from torch import nn
 
+from . import rundir as rd
 from . import trial as _trial
 from .cost import COST_MEASURES, CostModel
 from .coverage import coverage, sites
@@ -44,7 +45,7 @@ from .wrap import KINDS, QuantSpec, plan_from_dict, plan_to_dict, resolve_plan
 __all__ = ["select_layers", "select_pairs", "STORE_FILE", "ProgressEvent", "TrialContext", "run_search",
            "run_trial_item"]
 
-STORE_FILE = "trials.jsonl"
+STORE_FILE = rd.TRIALS
 # Above this many (site, kind) pairs the post-training joint step is lazy (see _search).
 EXHAUSTIVE_JOINT_PAIRS = 16
 

@@ -45,7 +45,7 @@ except ImportError:  # Windows: no flock; runs there are not protected against a
 __all__ = ["LOCK_FILE", "RunLock", "RunLocked", "TrialStore", "atomic_file", "atomic_write", "canonical_json",
            "numerics_version", "trial_key", "trial_record_problem"]
 
-LOCK_FILE = "run.lock"
+LOCK_FILE = "run.lock"  # bitwidth.rundir.LOCK; this module imports nothing of the package
 
 log = logging.getLogger("bitwidth.store")  # a child of "bitwidth": the CLI's run.log handler gets it
 

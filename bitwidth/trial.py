@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as TF
 from torch import nn
 
+from . import rundir as rd
 from .sites import engine_of
 from .store import atomic_file
 from .tasks.base import TaskLike, _class_dim, digest, evaluate
@@ -80,7 +81,7 @@ __all__ = [
 MODES = ("ptq", "train")
 OPTIMIZERS = ("sgd", "adam")
 MASTER_WEIGHTS = ("fp32", "quantized")
-BASELINE_FILE = "baseline.pt"
+BASELINE_FILE = rd.BASELINE
 # The options that change how the baseline is trained; the others only change trials.
 _TRAINING_KEYS = ("seed", "epochs", "lr", "batch_size", "optimizer", "momentum", "weight_decay", "device")
 # The least margin above 1 / num_classes that is still chance: a few lucky samples are not learning.

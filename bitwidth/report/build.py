@@ -23,6 +23,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as MplFigure
 
+from .. import rundir as rd
 from ..criteria import lower_is_better
 from ..result import format_metric
 from . import plots
@@ -47,7 +48,7 @@ from .tables import (
 __all__ = ["build_document", "figure_png", "write_report"]
 
 _MEASURE_NAMES = {"memory_bits": "memory", "bops": "BOPs", "train_bops": "training BOPs"}
-_KEPT_FILES = ("trials.csv", "min_bits.csv", "costs.csv", "joint_plan.yaml", "stats.csv")
+_KEPT_FILES = (rd.TRIALS_CSV, rd.MIN_BITS, rd.COSTS, rd.JOINT_PLAN, rd.STATS_CSV)
 
 
 def figure_png(fig: MplFigure) -> bytes:
@@ -377,7 +378,7 @@ def _pareto(ctx: _Context) -> Section:
 def _metadata(ctx: _Context) -> Section:
     run = ctx.run
     table = meta_table(run.meta, run.summary, run.config)
-    files = [f for f in (*_KEPT_FILES, "trials.jsonl", "config.yaml", "meta.yaml", "run.log")
+    files = [f for f in (*_KEPT_FILES, rd.TRIALS, rd.CONFIG, rd.META, rd.LOG)
              if (run.path / f).exists()]
     blocks: list[Any] = [Table(table, caption="Run settings, versions and time", index=False)]
     if files:
@@ -426,14 +427,14 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     paths: dict[str, Path] = {}
     figures = [b for s in doc.sections for b in s.blocks if isinstance(b, Figure)]
     if figures:
-        (path / "plots").mkdir(exist_ok=True)
+        (path / rd.PLOTS).mkdir(exist_ok=True)
     for fig in figures:
-        out = path / "plots" / f"{fig.name}.png"
+        out = path / rd.PLOTS / f"{fig.name}.png"
         out.write_bytes(fig.png)
         paths[f"plots/{fig.name}"] = out
-    paths["markdown"] = path / "report.md"
+    paths["markdown"] = path / rd.REPORT_MD
     paths["markdown"].write_text(render_markdown(doc), encoding="utf-8")
-    paths["html"] = path / "report.html"
+    paths["html"] = path / rd.REPORT_HTML
     paths["html"].write_text(render_html(doc), encoding="utf-8")
     paths.update({name: path / name for name in _KEPT_FILES if (path / name).exists()})
     return paths

@@ -28,6 +28,7 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure as MplFigure
 
+from .. import rundir as rd
 from ..result import format_metric, read_csv
 from .build import figure_png, write_report
 from .document import Document, Figure, Section, Table, Text
@@ -45,7 +46,7 @@ __all__ = [
     "write_variant_reports",
 ]
 
-VARIANTS_FILE = "variants.yaml"
+VARIANTS_FILE = rd.VARIANTS
 
 
 def variant_dir(run_dir: str | os.PathLike[str], name: Any, *, source: str = "variant") -> Path:
@@ -100,9 +101,9 @@ def comparison_frame(run_dir: Path, names: list[str]) -> tuple[pd.DataFrame, pd.
     and per variant the joint plan's metric and the best uniform width."""
     tables, rows = [], []
     for name, d in zip(names, _variant_dirs(Path(run_dir), names), strict=True):
-        mb = read_csv(d / "min_bits.csv")[["layer", "kind", "min_bits"]].rename(columns={"min_bits": name})
+        mb = read_csv(d / rd.MIN_BITS)[["layer", "kind", "min_bits"]].rename(columns={"min_bits": name})
         tables.append(mb.set_index(["layer", "kind"]))
-        summary = yaml.safe_load((d / "summary.yaml").read_text()) or {}
+        summary = yaml.safe_load((d / rd.SUMMARY).read_text()) or {}
         joint, uni, base = summary.get("joint", {}), summary.get("uniform", {}), summary.get("baseline", {})
         rows.append({"variant": name, "metric": base.get("metric_name", "accuracy"), "baseline": base.get("metric"),
                      "joint_metric": joint.get("metric"), "joint_passed": joint.get("passed"),
@@ -164,13 +165,13 @@ def write_comparison(run_dir: str | Path, names: list[str]) -> dict[str, Path]:
     min_bits, summary = comparison_frame(run_dir, names)
     doc = comparison_document(min_bits, summary, names)
     (run_dir / VARIANTS_FILE).write_text(yaml.safe_dump(list(names)))
-    min_bits.to_csv(run_dir / "comparison.csv", index=False)
-    paths = {"html": run_dir / "report.html", "markdown": run_dir / "report.md", "csv": run_dir / "comparison.csv"}
+    min_bits.to_csv(run_dir / rd.COMPARISON, index=False)
+    paths = {"html": run_dir / rd.REPORT_HTML, "markdown": run_dir / rd.REPORT_MD, "csv": run_dir / rd.COMPARISON}
     paths["html"].write_text(render_html(doc), encoding="utf-8")
     # Markdown keeps figures as files beside it, like a run's report.
-    (run_dir / "plots").mkdir(exist_ok=True)
+    (run_dir / rd.PLOTS).mkdir(exist_ok=True)
     for block in doc.sections[0].blocks:
         if isinstance(block, Figure):
-            (run_dir / "plots" / f"{block.name}.png").write_bytes(block.png)
+            (run_dir / rd.PLOTS / f"{block.name}.png").write_bytes(block.png)
     paths["markdown"].write_text(render_markdown(doc), encoding="utf-8")
     return paths

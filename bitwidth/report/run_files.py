@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from .. import rundir as rd
 from ..result import RESULT_FILES, SearchResult, baseline_curves, read_csv
 from ..store import TrialStore
 
@@ -72,16 +73,16 @@ def load_run(run_dir: str | Path) -> RunFiles:
     run = RunFiles(path)
     if all((path / name).exists() for name in RESULT_FILES):
         run.result = SearchResult.load(path)
-    run.records = _records(path / "trials.jsonl")
-    run.config = _yaml(path / "config.yaml")
-    run.meta = _yaml(path / "meta.yaml")
-    if (path / "stats.pt").exists():
+    run.records = _records(path / rd.TRIALS)
+    run.config = _yaml(path / rd.CONFIG)
+    run.meta = _yaml(path / rd.META)
+    if (path / rd.STATS).exists():
         from ..stats import Recorder
 
-        run.recorder = Recorder.load(path / "stats.pt")
+        run.recorder = Recorder.load(path / rd.STATS)
         run.stats = run.recorder.to_frame()
-    elif (path / "stats.csv").exists():
-        run.stats = read_csv(path / "stats.csv")
+    elif (path / rd.STATS_CSV).exists():
+        run.stats = read_csv(path / rd.STATS_CSV)
     if run.mode == "train":
-        run.baseline_curves = baseline_curves(path / "baseline.pt", run.search_config.get("seeds"))
+        run.baseline_curves = baseline_curves(path / rd.BASELINE, run.search_config.get("seeds"))
     return run
