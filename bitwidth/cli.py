@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import __version__
 from . import rundir as rd
-from .config import Config, ConfigError, config_to_yaml, load_config, variant_configs
+from .config import ConfigError, load_config
+from .run import close_logs, make_config_task
 
 __all__ = ["main"]
 
@@ -96,7 +94,7 @@ def _cmd_formats(names: Sequence[str] | None) -> int:
 def _cmd_validate(path: str, overrides: list[str]) -> int:
     cfg = load_config(path, overrides)
     try:  # layer patterns need the model; a data set that is not here yet only skips this check
-        task = _task(cfg)
+        task = make_config_task(cfg)
     except FileNotFoundError as err:
         print(f"note: layer patterns not checked, the data is not here ({err})")
     else:
@@ -114,72 +112,6 @@ def _cmd_validate(path: str, overrides: list[str]) -> int:
           f"kinds {', '.join(s.kinds)}, strategy {s.strategy}, criterion {cfg.criterion.name}, "
           f"executor {cfg.executor.kind}, run dir {cfg.run_dir}")
     return 0
-
-
-def _setup_run_dir(cfg: Config, run_dir: Path, fresh: bool) -> Path:
-    try:
-        if fresh and run_dir.exists():
-            for name in (rd.TRIALS, rd.BASELINE):
-                (run_dir / name).unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / rd.CONFIG).write_text(config_to_yaml(cfg))
-        _log_to(run_dir)
-    except OSError as err:  # --out naming a file, a read-only directory: the user's to fix
-        raise UsageError(f"cannot write the run directory {run_dir}: {err.strerror or err}") from None
-    return run_dir
-
-
-def _log_to(run_dir: Path) -> None:
-    """Send the log to ``run_dir/run.log`` (only there: one log file per run directory)."""
-    _close_logs()
-    handler = logging.FileHandler(run_dir / rd.LOG)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-
-
-def _close_logs() -> None:
-    for h in list(log.handlers):
-        if isinstance(h, logging.FileHandler):
-            log.removeHandler(h)
-            h.close()
-
-
-def _task(cfg: Config) -> Any:
-    from .tasks import make_task
-
-    return make_task(cfg.task.model, cfg.task.data, **cfg.task.options)
-
-
-def _trial_options(cfg: Config) -> Any:
-    from .trial import TrialOptions
-
-    return TrialOptions(mode=cfg.mode, seed=cfg.seeds[0], **cfg.train.model_dump())
-
-
-def _record_stats(cfg: Config, task: Any, run_dir: Path, out: Path | None = None,
-                  kinds: Sequence[str] | None = None) -> None:
-    """Distributions of the trained baseline (first seed) into ``out`` (default ``run_dir``): stats.pt / stats.csv."""
-    import torch
-
-    from .stats import record
-    from .trial import train_baseline
-
-    options = _trial_options(cfg)
-    baseline = train_baseline(task, options, cache_dir=run_dir)
-    model = task.build_model(options.seed)
-    model.load_state_dict(baseline.state_dict)
-    loss_fn = getattr(task, "loss_fn", torch.nn.functional.cross_entropy)
-    kinds = kinds or cfg.stats.kinds or cfg.search.kinds
-    with record(model, layers=cfg.search.layers, kinds=kinds, seed=options.seed) as rec:
-        for x, y in task.calib_batches(cfg.stats.batches):
-            model.zero_grad()
-            loss_fn(model(x), y).backward()
-    out = out or run_dir
-    out.mkdir(parents=True, exist_ok=True)
-    rec.save(out / rd.STATS)
-    rec.to_frame().to_csv(out / rd.STATS_CSV, index=False)
-    log.info("recorded statistics of %d (layer, kind) pairs", len(rec.to_frame()))
 
 
 class _Progress:
@@ -201,6 +133,8 @@ class _Progress:
             self.phase = event.phase
             self.bar.set_description(event.phase)
             log.info("%s: %s", event.phase, event.message)
+        if done < self.bar.n:  # the next variant's search counts from zero again
+            self.bar.reset()
         self.bar.total = max(event.planned, done)
         if done > self.bar.n:
             self.bar.update(done - self.bar.n)
@@ -222,89 +156,22 @@ class _Progress:
         self.bar.close()
 
 
-def _meta(cfg: Config, run_dir: Path, wall: float, result: Any) -> None:
-    import torch
-
-    counts = result.summary.get("counts", {}) if result is not None else {}
-    meta = {
-        "bitwidth": __version__, "torch": str(torch.__version__), "python": platform.python_version(),
-        "platform": platform.platform(), "device": cfg.train.device,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "threads": torch.get_num_threads(), "executor": cfg.executor.model_dump(), "seeds": cfg.seeds,
-        "wall_time_s": round(wall, 2), "trials_run": counts.get("trials_run"),
-        "trials_reused": counts.get("trials_reused"), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    (run_dir / rd.META).write_text(yaml.safe_dump(meta, sort_keys=False))
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .run import run_config
+
     cfg = load_config(args.config, args.overrides)
     if args.out:
         cfg.out = args.out
-    if not cfg.variants:
-        result, paths = _run_one(cfg, cfg.run_dir, args)
-        _print_answer(result, paths)
-        return 0
-    from .report.compare import write_comparison
-
-    results = {}
-    for name, variant in variant_configs(cfg).items():
-        print(f"== variant {name}: {variant.run_dir}")
-        results[name], paths = _run_one(variant, variant.run_dir, args)
-        _print_answer(results[name], paths)
-    _log_to(cfg.run_dir)
-    (cfg.run_dir / rd.CONFIG).write_text(config_to_yaml(cfg))
-    paths = write_comparison(cfg.run_dir, list(results))
-    print(f"comparison of {', '.join(results)}: {paths['html']}")
-    return 0
-
-
-def _run_one(cfg: Config, run_dir: Path, args: argparse.Namespace) -> tuple[Any, dict[str, Path]]:
-    with _locked(run_dir):
-        return _run_locked(cfg, run_dir, args)
-
-
-def _locked(run_dir: Path) -> Any:
-    """The run directory's lock (a second run into it is a usage error, exit 2)."""
-    from .store import RunLock
-
-    try:
-        return RunLock(run_dir).acquire()
-    except OSError as err:
-        raise UsageError(f"cannot use {run_dir} as a run directory: {err.strerror or err}") from None
-
-
-def _run_locked(cfg: Config, run_dir: Path, args: argparse.Namespace) -> tuple[Any, dict[str, Path]]:
-    from .executors import make_executor
-    from .report import write_report
-    from .runner import run_search
-
-    _setup_run_dir(cfg, run_dir, args.fresh)
-    start = time.perf_counter()
-    log.info("bitwidth %s: run %s (%s) into %s", __version__, args.config, cfg.run_name, run_dir)
-    task = _task(cfg)
-    if cfg.stats.enabled:
-        _record_stats(cfg, task, run_dir)
     progress = _Progress(args.quiet)
-    ex = cfg.executor
     try:
-        with make_executor(ex.kind, workers=ex.workers, address=ex.address, threads=ex.threads) as executor:
-            result = run_search(
-                task, mode=cfg.mode, layers=cfg.search.layers, kinds=tuple(cfg.search.kinds),
-                family=cfg.search.family, family_options=cfg.search.options, candidates=cfg.search.candidates,
-                criterion=_criterion(cfg), strategy=cfg.search.strategy, trial_options=_trial_options(cfg),
-                seeds=cfg.seeds, run_dir=run_dir, executor=executor, progress=progress,
-            )
+        outcome = run_config(cfg, fresh=args.fresh, progress=progress, source=args.config, announce=print)
     finally:
         progress.close()
-    _meta(cfg, run_dir, time.perf_counter() - start, result)
-    paths = write_report(run_dir)
-    log.info("done in %.1f s", time.perf_counter() - start)
-    return result, paths
-
-
-def _criterion(cfg: Config) -> Any:
-    return cfg.criterion.build()
+    for result, paths in outcome.results.values():
+        _print_answer(result, paths)
+    if outcome.comparison is not None:
+        print(f"comparison of {', '.join(outcome.results)}: {outcome.comparison['html']}")
+    return 0
 
 
 def _print_answer(result: Any, paths: dict[str, Path]) -> None:
@@ -324,16 +191,13 @@ def _print_answer(result: Any, paths: dict[str, Path]) -> None:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .run import record_config_stats
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = Path(args.out) if args.out else cfg.run_dir
-    with _locked(run_dir):
-        _setup_run_dir(cfg, run_dir, fresh=False)
-        out = run_dir / "stats"  # its own files: the run's report and statistics stay as they are
-        _record_stats(cfg, _task(cfg), run_dir, out, kinds=("weight", "activation", "gradient"))
-        paths = write_report(out)
-    print(f"statistics: {out / 'stats.csv'}; report: {paths['html']}")
+    if args.out:
+        cfg.out = args.out
+    csv, paths = record_config_stats(cfg)
+    print(f"statistics: {csv}; report: {paths['html']}")
     return 0
 
 
@@ -382,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     finally:
-        _close_logs()
+        close_logs()
 
 
 if __name__ == "__main__":
