@@ -5,6 +5,7 @@
 4
 """
 
+from ._version import __version__
 from .coverage import Coverage, coverage, sites
 from .families import make_format
 from .formats import FixedFormat, FloatFormat, Format, IntFormat, format_from_dict, format_to_dict, parse_format
@@ -26,8 +27,6 @@ from .wrap import (
     unwrap,
     wrap,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "__version__",

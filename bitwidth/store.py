@@ -52,7 +52,7 @@ log = logging.getLogger("bitwidth.store")  # a child of "bitwidth": the CLI's ru
 
 def numerics_version() -> str:
     """The package version: a new release may change the numbers, so trials are not reused across it."""
-    from . import __version__  # at call time: importing the package may still be under way
+    from ._version import __version__  # a leaf, imported when needed: this file also loads on its own
 
     return __version__
 
