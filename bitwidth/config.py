@@ -133,6 +133,34 @@ class TrainConfig(_Section):
     device: str = "cpu"
 
 
+def check_train_options(options: dict[str, Any]) -> None:
+    """``ValueError`` naming every bad training option (the ``train`` section's rules), or nothing.
+
+    >>> check_train_options({"lr": -1.0, "epochs": 0})
+    Traceback (most recent call last):
+    ...
+    ValueError: train options: epochs: must be an integer in 1..2**31 - 1; lr: Input should be greater than 0
+    """
+    try:
+        TrainConfig(**options)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in err.errors())
+        raise ValueError(f"train options: {problems}") from None
+
+
+def check_seed(seed: Any) -> None:
+    """``ValueError`` unless ``seed`` is a seed a run accepts (an integer in 0..2**32 - 1)."""
+    try:
+        _SeedModel(seed=seed)
+    except ValidationError as err:
+        raise ValueError(f"seed: {err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+
+
+class _SeedModel(_Section):
+    seed: Seed
+
+
 class SearchConfig(_Section):
     """What is searched: layers (patterns), kinds, the format family and candidate widths."""
 

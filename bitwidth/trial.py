@@ -51,13 +51,14 @@ import traceback
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 import torch.nn.functional as TF
 from torch import nn
 
 from . import rundir as rd
+from .config import TrainConfig, check_seed, check_train_options
 from .sites import engine_of
 from .store import atomic_file
 from .tasks.base import TaskLike, _class_dim, digest, evaluate
@@ -79,8 +80,8 @@ __all__ = [
 ]
 
 MODES = ("ptq", "train")
-OPTIMIZERS = ("sgd", "adam")
-MASTER_WEIGHTS = ("fp32", "quantized")
+OPTIMIZERS = get_args(TrainConfig.model_fields["optimizer"].annotation)  # ("sgd", "adam")
+MASTER_WEIGHTS = get_args(TrainConfig.model_fields["master_weights"].annotation)  # ("fp32", "quantized")
 BASELINE_FILE = rd.BASELINE
 # The options that change how the baseline is trained; the others only change trials.
 _TRAINING_KEYS = ("seed", "epochs", "lr", "batch_size", "optimizer", "momentum", "weight_decay", "device")
@@ -103,6 +104,9 @@ class NonFiniteData(ValueError):
     """A batch of the task's data holds NaN or Inf: the data is at fault, not the training."""
 
 
+_TRAIN = TrainConfig()  # the defaults
+
+
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -122,32 +126,22 @@ class TrialOptions:
 
     mode: str = "ptq"
     seed: int = 0
-    epochs: int = 10
-    lr: float = 0.05
-    batch_size: int = 32
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    calib_batches: int = 4
-    master_weights: str = "fp32"
-    diverge_factor: float = 10.0
-    device: str = "cpu"
+    # The training options and their defaults are the config's ``train`` section's (one source).
+    epochs: int = _TRAIN.epochs
+    lr: float = _TRAIN.lr
+    batch_size: int = _TRAIN.batch_size
+    optimizer: str = _TRAIN.optimizer
+    momentum: float = _TRAIN.momentum
+    weight_decay: float = _TRAIN.weight_decay
+    calib_batches: int = _TRAIN.calib_batches
+    master_weights: str = _TRAIN.master_weights
+    diverge_factor: float = _TRAIN.diverge_factor
+    device: str = _TRAIN.device
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("master_weights", self.master_weights, MASTER_WEIGHTS)
-        for key, lo in (("seed", 0), ("epochs", 1), ("batch_size", 1), ("calib_batches", 0)):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-                raise ValueError(f"{key} must be an integer >= {lo}, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
-        if not 0 <= self.momentum < 1 or not self.weight_decay >= 0:
-            raise ValueError(f"momentum must be in [0, 1) and weight_decay >= 0, "
-                             f"got {self.momentum!r}, {self.weight_decay!r}")
-        if not self.diverge_factor > 1:
-            raise ValueError(f"diverge_factor must be > 1, got {self.diverge_factor!r}")
+        check_train_options({f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("mode", "seed")})
+        check_seed(self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

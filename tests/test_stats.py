@@ -12,8 +12,8 @@ import torchvision
 from torch import nn
 
 import bitwidth as bw
-from bitwidth.sites import engine_of
 from bitwidth.families import make_format
+from bitwidth.sites import engine_of
 from bitwidth.stats import PERCENTILES, Recorder, hist_edges, record
 from bitwidth.stats_analysis import analyze, predict_min_bits, sweep
 from bitwidth.wrap import covered_layers

@@ -195,7 +195,8 @@ spec = importlib.util.spec_from_file_location("store", sys.argv[1])
 store = importlib.util.module_from_spec(spec); spec.loader.exec_module(store)
 lock = store.RunLock(sys.argv[2]).acquire()
 child = os.fork() if sys.argv[3] == "fork" else 0
-if child == 0 and sys.argv[3] == "fork":
+if child == 0 and sys.argv[3] == "fork":  # the at-fork handlers have run once fork returns here
+    print("child", flush=True)
     time.sleep(60); os._exit(0)
 print(os.getpid(), child, flush=True)
 time.sleep(60)
@@ -207,7 +208,8 @@ def holder(run_dir, fork=False):
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(STORE_PY), str(run_dir), "fork" if fork else "-"],
                             stdout=subprocess.PIPE, text=True)
     try:
-        pid, child = map(int, proc.stdout.readline().split())
+        lines = [proc.stdout.readline().split() for _ in range(2 if fork else 1)]
+        pid, child = map(int, next(ln for ln in lines if ln != ["child"]))  # the child's line may come first
         yield proc, child
     finally:
         for p in (proc.pid, locals().get("child") or 0):

@@ -36,8 +36,8 @@ def _same(a: TrialOutcome, b: TrialOutcome) -> bool:
 # ----------------------------------------------------------------------------- options and records
 
 @pytest.mark.parametrize("bad, match", [
-    ({"mode": "qat"}, "mode must be one of"), ({"optimizer": "lbfgs"}, "optimizer must be one of"),
-    ({"master_weights": "int8"}, "master_weights must be one of"), ({"epochs": 0}, "epochs"),
+    ({"mode": "qat"}, "mode must be one of"), ({"optimizer": "lbfgs"}, "optimizer: Input should be 'sgd' or 'adam'"),
+    ({"master_weights": "int8"}, "master_weights: Input should be 'fp32' or 'quantized'"), ({"epochs": 0}, "epochs"),
     ({"lr": -1.0}, "lr"), ({"diverge_factor": 1.0}, "diverge_factor"), ({"batch_size": 2.5}, "batch_size"),
 ])
 def test_options_reject_bad_values(bad, match):
