@@ -96,7 +96,7 @@ DirName = Annotated[str, BeforeValidator(_dir_name)]
 Count = _integer(1, MAX_COUNT)
 CountOrZero = _integer(0, MAX_COUNT)
 CountOrNone = _integer(1, MAX_COUNT, optional=True)
-Bits = _integer(1, 32)
+Bits = _integer(0, 32)  # 0: no fraction or mantissa bits (fixed_frac, float); each family checks its own
 Seed = _integer(0, MAX_SEED)
 
 
@@ -253,7 +253,7 @@ class Config(_Section):
     @classmethod
     def _seeds(cls, v: list[int]) -> list[int]:
         if not v:
-            raise ValueError(f"needs one or more seeds, integers in 0..2**32 - 1 (found {v!r})")
+            raise ValueError("needs one or more seeds, integers in 0..2**32 - 1")  # _explain adds the value
         return v
 
     @model_validator(mode="after")
@@ -374,7 +374,7 @@ def _family_errors(family: str, options: dict[Any, Any], candidates: list[Any]) 
         return None
 
     # Widths the schema rejects are reported there; 8 bits is a width every family makes.
-    widths = [(i, b) for i, b in enumerate(candidates) if type(b) is int and 1 <= b <= 32]
+    widths = [(i, b) for i, b in enumerate(candidates) if type(b) is int and 0 <= b <= 32]
     makeable = [b for _, b in widths if error(b, {}) is None]
     bad_values = []
     for key, value in known.items():  # one option at a time, so every bad value is reported
@@ -431,6 +431,25 @@ def _semantic_errors(raw: dict[str, Any]) -> list[str]:
                       f"path is resolved from the current directory ({os.getcwd()}), not from the "
                       "config file's folder")
     return errors
+
+
+def check_search_inputs(mode: Any, seeds: Any, **search: Any) -> None:
+    """Check the library's search arguments (:func:`bitwidth.runner.run_search`) by the config's
+    own rules, so a search is validated the same way however it starts; every problem at once.
+
+    >>> check_search_inputs("ptq", [0], kinds=["gradient"], strategy="random")
+    Traceback (most recent call last):
+    ...
+    ValueError: search.strategy: must be 'grid' or 'bisect' (found 'random'); search.kinds: 'gradient' exists only \
+in mode 'train' (the backward pass); use mode: train, or kinds weight and activation
+    """
+    def plain(v: Any) -> Any:  # tuples and ranges as the lists a YAML file would give
+        return list(v) if isinstance(v, (tuple, range)) else v
+
+    raw = {"mode": mode, "seeds": plain(seeds), "search": {k: plain(v) for k, v in search.items()}}
+    _, errors = _validate(raw)
+    if errors:
+        raise ValueError("; ".join(errors))
 
 
 # ----------------------------------------------------------------------------- loading

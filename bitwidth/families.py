@@ -39,6 +39,8 @@ def fixed_frac_for(bits: int, absmax: float) -> int:
     """
     if not math.isfinite(absmax) or absmax < 0:
         raise ValueError(f"absmax must be a finite number >= 0, got {absmax!r}")
+    if not isinstance(bits, int) or bits < 2:
+        raise ValueError(f"fixed-point word length must be an integer >= 2 (a sign and one more bit), got {bits!r}")
     top = 2 ** (bits - 1) - 1
     if absmax == 0:
         return bits - 1

@@ -32,15 +32,16 @@ from torch import nn
 
 from . import rundir as rd
 from . import trial as _trial
+from .config import check_search_inputs
 from .cost import COST_MEASURES, CostModel
 from .coverage import coverage, sites
 from .executors import Executor, make_executor
-from .families import FAMILIES, make_format, needs_absmax
+from .families import make_format, needs_absmax
 from .formats import Format
-from .search import STRATEGIES, Pair, SearchResult, SearchSpace, Verdict, bisect, grid, joint, together, uniform
+from .search import Pair, SearchResult, SearchSpace, Verdict, bisect, grid, joint, together, uniform
 from .stats import record
 from .store import TrialStore, trial_key
-from .wrap import KINDS, QuantSpec, plan_from_dict, plan_to_dict, resolve_plan
+from .wrap import QuantSpec, plan_from_dict, plan_to_dict, resolve_plan
 
 __all__ = ["select_layers", "select_pairs", "STORE_FILE", "ProgressEvent", "TrialContext", "run_search",
            "run_trial_item"]
@@ -259,20 +260,6 @@ def _check(name: str, values: Iterable[Any], allowed: Sequence[Any]) -> None:
         raise ValueError(f"{name} {bad} not allowed; allowed: {list(allowed)}")
 
 
-def _check_inputs(mode: str, kinds: Sequence[str], strategy: str, family: str, seeds: Sequence[int]) -> None:
-    _check("mode", [mode], _trial.MODES)
-    _check("kinds", kinds, KINDS)
-    if not kinds:
-        raise ValueError(f"kinds must name at least one of {list(KINDS)}")
-    if mode == "ptq" and "gradient" in kinds:
-        raise ValueError("kind 'gradient' exists only in mode 'train' (backward); allowed in ptq: "
-                         "['weight', 'activation']")
-    _check("strategy", [strategy], STRATEGIES)
-    _check("family", [family], FAMILIES)
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-        raise ValueError(f"seeds must be a non-empty list of integers >= 0, got {list(seeds)}")
-
-
 def _criterion(criterion: Any, mode: str) -> Any:
     if criterion is not None and not isinstance(criterion, str):
         return criterion
@@ -319,9 +306,11 @@ def run_search(
     >>> run_search("digits_cnn", mode="ptq", kinds=("gradient",), run_dir="/nonexistent")
     Traceback (most recent call last):
     ...
-    ValueError: kind 'gradient' exists only in mode 'train' (backward); allowed in ptq: ['weight', 'activation']
+    ValueError: search.kinds: 'gradient' exists only in mode 'train' (the backward pass); use mode: train, or \
+kinds weight and activation
     """
-    _check_inputs(mode, kinds, strategy, family, seeds)
+    check_search_inputs(mode, seeds, layers=layers, kinds=kinds, family=family, options=dict(family_options or {}),
+                        candidates=candidates, strategy=strategy)
     if isinstance(task, str):
         from .tasks import make_task
 

@@ -104,8 +104,10 @@ def test_giant_integers_are_clean_errors_with_their_path(key, allowed, value, fo
 
 def test_giant_candidates_are_clean_errors():
     errors = errors_of([f"search.candidates=[4, {10**30}, 1.0e+30]"])
-    assert errors == [f"search.candidates[1]: must be an integer in 1..32 (found {10**30})",
-                      "search.candidates[2]: must be an integer in 1..32 (found 1e+30)"]
+    assert errors == [f"search.candidates[1]: must be an integer in 0..32 (found {10**30})",
+                      "search.candidates[2]: must be an integer in 0..32 (found 1e+30)"]
+    assert errors_of(["search.candidates=[0, 4]"]) == [
+        "search.candidates[0]: int bits must be an integer in 2..32, got 0 (family 'int')"]
 
 
 def test_cli_validate_prints_every_error_and_exits_2(tmp_path, capsys):
