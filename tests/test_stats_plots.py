@@ -111,7 +111,8 @@ def test_drift_needs_steps_and_a_known_statistic(rec):
 
 
 def test_report_figures_render_to_png(rec, tmp_path):
-    figs = report_figures(rec, family="fixed", candidates=[4, 8])
+    figs = report_figures(rec.to_frame(), rec.hist_frame(), sweep(rec, "fixed", [4, 8]), family="fixed",
+                          candidates=[4, 8])
     assert [name for name, _, _ in figs] == ["stats_log2_hist", "stats_sqnr", "stats_drift"]
     for name, fig, caption in figs:
         assert isinstance(fig, Figure) and caption

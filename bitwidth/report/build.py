@@ -248,10 +248,13 @@ def _distributions(ctx: _Context) -> Section:
 
 
 def _stats_figures(recorder: Any, ctx: _Context) -> list[tuple[str, MplFigure, str]]:
-    """Histograms and SQNR from :mod:`bitwidth.report.stats_plots` (another module's plots, reused)."""
+    """Histograms and SQNR from :mod:`bitwidth.report.stats_plots`; the tables are computed here."""
+    from ..stats_analysis import sweep
     from . import stats_plots
 
-    return stats_plots.report_figures(recorder, family=ctx.family, candidates=ctx.candidates)
+    family, cands = ctx.family or "int", sorted(set(ctx.candidates)) or list(range(2, 9))
+    return stats_plots.report_figures(recorder.to_frame(), recorder.hist_frame(), sweep(recorder, family, cands),
+                                      family=family, candidates=cands)
 
 
 def _claim(ctx: _Context) -> Section:

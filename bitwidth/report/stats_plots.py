@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,7 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ..formats import Format
-from ..stats_analysis import format_range, resolve_format, sweep
+from ..stats_analysis import format_range, resolve_format
 from ..wrap import KINDS
 
 __all__ = ["plot_log2_hist", "plot_sqnr_heatmap", "plot_drift", "report_figures"]
@@ -244,32 +243,34 @@ def plot_drift(stats: pd.DataFrame, stat: str = "absmax", *, kinds: Sequence[str
     return fig
 
 
-def report_figures(recorder: Any, *, family: str | None = None,
+def report_figures(stats: pd.DataFrame, hist: pd.DataFrame, errors: pd.DataFrame, *, family: str = "int",
                    candidates: Sequence[int] = ()) -> list[tuple[str, Figure, str]]:
-    """The distribution figures of a run report as ``(name, figure, caption)``.
+    """The distribution figures of a run report as ``(name, figure, caption)``, from tables.
 
-    Raw data of the first snapshot, with the formats of ``family`` (default ``int``) at
-    the smallest and largest of ``candidates`` (default 2..8), plus the drift of absmax
-    when the recorder holds several snapshots.
+    ``stats``: ``Recorder.to_frame()``; ``hist``: ``Recorder.hist_frame()``; ``errors``:
+    :func:`bitwidth.stats_analysis.sweep` of ``family`` over ``candidates`` (the report
+    computes them; plots only draw). Raw data of the first snapshot, with the formats at
+    the smallest and largest candidate, plus the drift of absmax over several snapshots.
 
     >>> import torch
     >>> from bitwidth.stats import record
+    >>> from bitwidth.stats_analysis import sweep
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 2))
     >>> with record(model) as rec:
     ...     model(torch.randn(8, 4)).sum().backward()
-    >>> [name for name, fig, caption in report_figures(rec, family="fixed", candidates=[4, 8])]
+    >>> figs = report_figures(rec.to_frame(), rec.hist_frame(), sweep(rec, "fixed", [4, 8]), family="fixed",
+    ...                       candidates=[4, 8])
+    >>> [name for name, fig, caption in figs]
     ['stats_log2_hist', 'stats_sqnr']
     """
-    family = family or "int"
     cands = sorted(set(candidates)) or list(range(2, 9))
-    stats = recorder.to_frame()
     first = int(stats["step"].min()) if "step" in stats.columns and len(stats) else None
     ends = [(family, cands[0])] + ([(family, cands[-1])] if len(cands) > 1 else [])
-    out = [("stats_log2_hist", plot_log2_hist(recorder.hist_frame(), ends, step=first),
+    out = [("stats_log2_hist", plot_log2_hist(hist, ends, step=first),
             f"Where each layer's values lie, in octaves (log2|x|), per kind. The shaded bands are what "
             f"{family} {cands[0]} and {family} {cands[-1]} would do: values left of a dashed line are flushed "
             "to zero, right of a solid line saturated. Layers whose mass sits near a band need more bits.")]
-    out.append(("stats_sqnr", plot_sqnr_heatmap(sweep(recorder, family, cands), step=first),
+    out.append(("stats_sqnr", plot_sqnr_heatmap(errors, step=first),
                 f"Signal-to-quantization-noise ratio of {family} formats on each layer's recorded sample, "
                 "in dB (about 6 dB per bit for a uniform grid). Rows that stay dark to the right need more bits."))
     if first is not None and stats["step"].nunique() > 1:
