@@ -142,9 +142,10 @@ class _Progress:
         now = time.perf_counter()
         if not self.quiet and not self.tty and (new_phase or now - self.last >= 10):
             self.last = now
-            print(f"[{event.phase}] {done}/{max(event.planned, done)} trials ({event.trials_run} run, "
-                  f"{event.trials_reused} reused){self._eta(event, now)}"
-                  + (f": {event.message}" if new_phase and event.message else ""), file=sys.stderr, flush=True)
+            counts = (f" {done}/{max(event.planned, done)} trials ({event.trials_run} run, {event.trials_reused} "
+                      f"reused){self._eta(event, now)}" if max(event.planned, done) else "")
+            text = f": {event.message}" if counts and new_phase and event.message else f" {event.message}"
+            print(f"[{event.phase}]{counts}{text if new_phase else ''}", file=sys.stderr, flush=True)
 
     def _eta(self, event: Any, now: float) -> str:
         left = max(event.planned - event.trials_run - event.trials_reused, 0)

@@ -150,6 +150,10 @@ def _run_one(cfg: Config, fresh: bool, progress: Callable[[Any], None] | None,
         log.info("bitwidth %s: run %s (%s) into %s", __version__, source, cfg.run_name, run_dir)
         task = make_config_task(cfg)
         if cfg.stats.enabled:
+            if progress is not None:
+                from .runner import ProgressEvent
+
+                progress(ProgressEvent("statistics", 0, 0, "the fp32 baseline's distributions"))
             _record(cfg, task, run_dir, run_dir, cfg.stats.kinds or cfg.search.kinds)
         ex = cfg.executor
         with make_executor(ex.kind, workers=ex.workers, address=ex.address, threads=ex.threads) as executor:

@@ -335,6 +335,9 @@ kinds weight and activation
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
+    if progress is not None:  # training the baselines can take a while: say so before it starts
+        progress(ProgressEvent("baseline", 0, 0, f"the fp32 baseline of seed(s) {list(dict.fromkeys(seeds))} "
+                                                 "(trained once, then reused from the run directory)"))
     baselines = {s: _trial.train_baseline(task, dataclasses.replace(options, seed=s), cache_dir=run_dir)
                  for s in dict.fromkeys(seeds)}
     absmax = (_data_absmax(task, baselines[seeds[0]], names, kinds, mode=mode, calib_batches=options.calib_batches)

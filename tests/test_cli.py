@@ -162,8 +162,11 @@ def test_progress_lines_without_a_terminal(quick_run):
     res = cli("run", "configs/quickstart.yaml", "--out", str(quick_run), *[a for a in QUICK if a != "--quiet"])
     assert res.returncode == 0
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("[")]
-    assert lines and all("trials (" in ln for ln in lines)  # e.g. "[bisect] 0/24 trials (0 run, 0 reused)"
-    assert any("reused" in ln and "/" in ln for ln in lines)
+    # said before the silent part (baseline training, statistics), not after it
+    assert lines[0].startswith("[statistics]") and lines[1].startswith("[baseline] the fp32 baseline")
+    counted = [ln for ln in lines if "trials (" in ln]  # e.g. "[bisect] 0/24 trials (0 run, 0 reused)"
+    assert counted and any(ln.startswith("[bisect] 0/") for ln in counted)
+    assert any(" reused)" in ln and "/" in ln for ln in counted)
 
 
 def test_stats_writes_its_own_files(quick_run):
