@@ -149,6 +149,9 @@ def _run_one(cfg: Config, fresh: bool, progress: Callable[[Any], None] | None,
         start = time.perf_counter()
         log.info("bitwidth %s: run %s (%s) into %s", __version__, source, cfg.run_name, run_dir)
         task = make_config_task(cfg)
+        from .runner import select_layers  # the site patterns, checked before anything trains
+
+        select_layers(task.build_model(cfg.seeds[0]), cfg.search.layers, task.example_input())
         if cfg.stats.enabled:
             if progress is not None:
                 from .runner import ProgressEvent

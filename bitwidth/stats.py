@@ -369,11 +369,12 @@ def record(
     patterns = ["*"] if layers is None else [layers] if isinstance(layers, str) else list(layers)
     if not patterns:
         raise ValueError("layers must be None or name at least one site or glob pattern")
-    for p in patterns:
-        if not any(fnmatch.fnmatchcase(n, p) for n in known) and not (":" in p and not eng.seen):
-            names = ", ".join(known[:8]) + (", …" if len(known) > 8 else "")
-            raise ValueError(f"site pattern {p!r} matches no site; sites: {names or 'none'}"
-                             + ("" if eng.seen else " (op sites module:op.i are known once the model has run)"))
+    unmatched = [p for p in patterns
+                 if not any(fnmatch.fnmatchcase(n, p) for n in known) and not (":" in p and not eng.seen)]
+    if unmatched:  # every one at once
+        names = ", ".join(known[:8]) + (", …" if len(known) > 8 else "")
+        raise ValueError(f"site pattern(s) {', '.join(map(repr, unmatched))} match no site; sites: {names or 'none'}"
+                         + ("" if eng.seen else " (op sites module:op.i are known once the model has run)"))
     if after_quant and not is_wrapped(model):
         raise ValueError("after_quant=True needs a wrapped model; call bitwidth.wrap(model, plan) first")
     rec = Recorder(kinds, every, sample_size, seed)

@@ -197,3 +197,12 @@ def test_report_of_variants_never_writes_outside_the_run(tmp_path, capsys):
     (run / "variants.yaml").write_text(yaml.safe_dump(["../victim"]))
     assert main(["report", str(run)]) == 2
     assert "../victim" in capsys.readouterr().err and (victim / "report.html").read_text() == "keep me"
+
+
+def test_bad_site_patterns_fail_before_anything_trains(tmp_path, capsys):
+    out = tmp_path / "r"
+    code = main(["run", str(ROOT / "configs/quickstart.yaml"), "--out", str(out), "--set",
+                 "search.layers=[conv1, nope, fc9]", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "'nope' matches no site" in err and "'fc9' matches no site" in err
+    assert not (out / "baseline.pt").exists() and not (out / "stats.pt").exists()

@@ -387,7 +387,7 @@ def test_layers_and_kinds_select_what_is_recorded():
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"kinds": ("weights",)}, "kinds must be a non-empty subset of"),
-    ({"layers": "fc9"}, "matches no site; sites: 0, 1"),
+    ({"layers": "fc9"}, "'fc9' match no site; sites: 0, 1"),
     ({"layers": []}, "layers must be None or name at least one"),
     ({"every": 0}, "every must be None or a positive integer"),
     ({"sample_size": -1}, "sample_size must be a non-negative integer"),
@@ -399,7 +399,7 @@ def test_bad_arguments_raise_with_the_allowed_values(kwargs, message):
 
 
 def test_other_bad_input_raises():
-    with pytest.raises(ValueError, match="'0' matches no site; sites: none"):
+    with pytest.raises(ValueError, match="'0' match no site; sites: none"):
         record(nn.ReLU(), layers="0")
     model = nn.Sequential(nn.Linear(2, 2))
     rec = record(model)
