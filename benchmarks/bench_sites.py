@@ -10,12 +10,13 @@ shorter (ViT's weight share of the work then grows). For each model this prints:
 
 * fp32 forward, eval mode with autograd on: the reference of the rows below it;
 * ``bw.wrap(model, {})`` (nothing to do: no hooks, no mode), then ``bw.set_plan(model,
-  {"*": "int8"})``: every site's weight and activation int8, weights re-quantized every
-  call (they require grad);
+  {"*": "int8"})``: every site's weight and activation int8 (weights unchanged between
+  calls are reused, with their straight-through mask);
 * the same under ``torch.no_grad()`` against fp32 under ``no_grad``: quantized weights
   are cached between calls;
 * forward+backward in train mode with weight and activation int8 and gradient
-  ``fixed16_8`` against fp32 forward+backward;
+  ``fixed16_8`` against fp32 forward+backward, and the same with an SGD step after each
+  (the weights change, so every step quantizes them again: training's real cost);
 * peers, where installed: Brevitas ``layerwise_quantize`` (its default layer map: int8
   per-tensor weights and inputs of Linear / Conv / MultiheadAttention, including q, k,
   v and the attention probabilities inside QuantMultiheadAttention) and torchao
@@ -182,6 +183,18 @@ def grad_step(m: nn.Module, loss: Callable[[nn.Module], torch.Tensor]) -> Callab
     return step
 
 
+def train_step(m: nn.Module, loss: Callable[[nn.Module], torch.Tensor]) -> Callable[[], None]:
+    """Forward, backward and an SGD step: the weights change, so a wrapped model quantizes them again."""
+    opt = torch.optim.SGD(m.parameters(), lr=1e-6)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss(m).backward()
+        opt.step()
+
+    return step
+
+
 def no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
     def call() -> Any:
         with torch.no_grad():
@@ -215,7 +228,7 @@ def bench(spec: Model, args: argparse.Namespace) -> None:
     sites_table = cov.table
 
     empty = bw.wrap(copy.deepcopy(base), {})
-    # Two int8 copies: an autograd-on call drops the weight cache, which the no_grad rows measure.
+    # Two int8 copies, so the autograd-on and no_grad rows each reuse only their own quantized weights.
     int8, int8_cached = bw.wrap(copy.deepcopy(base), {}), bw.wrap(copy.deepcopy(base), {})
     bw.set_plan(int8, INT8)
     bw.set_plan(int8_cached, INT8)
@@ -245,7 +258,7 @@ def bench(spec: Model, args: argparse.Namespace) -> None:
     fw = spec.forward
     fwd = [Config("fp32 forward (eval, autograd on)", "fp32 forward (eval, autograd on)", None, lambda: fw(base)),
            Config("bitwidth wrap(model, {})", "fp32 forward (eval, autograd on)", 1.05, lambda: fw(empty)),
-           Config("bitwidth {'*': 'int8'} (weights re-quantized per call)", "fp32 forward (eval, autograd on)", 2.5,
+           Config("bitwidth {'*': 'int8'} (quantized weights reused)", "fp32 forward (eval, autograd on)", 2.5,
                   lambda: fw(int8))]
     fwd += [Config(f"{n} int8", "fp32 forward (eval, autograd on)", None, lambda m=m: fw(m)) for n, m in peers.items()]
     ng = [Config("fp32 forward, no_grad", "fp32 forward, no_grad", None, no_grad(lambda: fw(base))),
@@ -261,6 +274,12 @@ def bench(spec: Model, args: argparse.Namespace) -> None:
                   grad_step(trained, spec.loss))]
     bwd += [Config(f"{n} int8 forward+backward", "fp32 forward+backward (train)", None, grad_step(m, spec.loss))
             for n, m in peers_train.items()]
+    # A training step changes every weight, so each step quantizes them afresh.
+    stepped, fp32_stepped = copy.deepcopy(trained), copy.deepcopy(fp32_train)
+    bwd += [Config("fp32 training step (fwd+bwd+SGD)", "fp32 training step (fwd+bwd+SGD)", None,
+                   train_step(fp32_stepped, spec.loss)),
+            Config("bitwidth w/a int8, g fixed16_8 training step", "fp32 training step (fwd+bwd+SGD)", 3.0,
+                   train_step(stepped, spec.loss))]
     threads = torch.get_num_threads()
     rep = f"{args.repeats} repetitions x {args.steps} calls, {threads} threads"
     if "forward" in args.passes:

@@ -273,15 +273,25 @@ class Engine:
         self._originals, self._swapped = [], {}
 
     def _quantize_weight(self, slot: WeightSlot, fmt: Format) -> Tensor:
-        # Evaluation reuses the quantized weight until the weight changes (in-place
-        # updates bump the version counter): repeated PTQ evaluation is nearly free.
+        # A quantized weight is reused until the weight changes (in-place updates bump its
+        # version counter): repeated evaluation is nearly free. With autograd on, a reuse
+        # passes the gradient through the cached straight-through mask (the exact STE
+        # gradient, from one backward of the quantizer per weight version); a training
+        # step changes the weight, so training quantizes afresh every step.
         w, st = slot.param, self.state(slot.name)
-        frozen = not (torch.is_grad_enabled() and w.requires_grad) and fmt.rounding == "nearest"
         key = (w._version, w.data_ptr(), fmt)
-        if frozen and st.cache is not None and st.cache[0] == key:
-            return st.cache[1]
+        cacheable = fmt.rounding == "nearest"
+        grad = torch.is_grad_enabled() and w.requires_grad
+        if cacheable and st.cache is not None and st.cache[0] == key:
+            _, q, mask = st.cache
+            if not grad:
+                return q
+            if mask is None:
+                mask = _ste_mask(w, fmt, slot.axis)
+                st.cache = (key, q, mask)
+            return _CachedSTE.apply(w, q, mask)
         q = fmt.quantize(w, axis=slot.axis)
-        st.cache = (key, q) if frozen else None
+        st.cache = (key, q.detach(), None) if cacheable else None
         return q
 
     def _weight_site(self, t: Any) -> WeightSlot | None:
@@ -420,6 +430,28 @@ class Engine:
         if slot is None:
             return p
         return slot.module._parameters[slot.pname]  # the quantized tensor while swapped
+
+
+def _ste_mask(w: Tensor, fmt: Format, axis: int) -> Tensor:
+    """Where the quantizer's straight-through gradient passes (it passes ``g`` or 0)."""
+    leaf = w.detach().requires_grad_()
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(fmt.quantize(leaf, axis=axis), leaf, torch.ones_like(leaf))
+    return g != 0
+
+
+class _CachedSTE(torch.autograd.Function):
+    """A cached quantized weight in forward; the cached straight-through mask in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, w: Tensor, q: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(mask)
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (mask,) = ctx.saved_tensors
+        return torch.where(mask, g, 0.0), None, None
 
 
 def _observe(st: SiteState, x: Tensor, sample_size: int = 1 << 16) -> None:

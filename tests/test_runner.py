@@ -88,7 +88,7 @@ def test_bisect_finds_grid_minima_on_digits_with_fewer_evaluations(mlp, searched
     assert again.trials["reused"].all()
     assert again.min_bits["monotone"].tolist() == by_grid.min_bits["monotone"].tolist()
     pd.testing.assert_frame_equal(again.min_bits[cols], by_bisect.min_bits[cols])
-    assert [e.phase for e in events][:1] == ["bisect"] and events[-1].phase == "done"
+    assert [e.phase for e in events][:2] == ["baseline", "bisect"] and events[-1].phase == "done"
 
     loaded = SearchResult.load(grid_dir)
     assert loaded.joint_plan == again.joint_plan

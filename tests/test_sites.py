@@ -332,3 +332,28 @@ def test_bad_plans_name_what_exists():
         bw.coverage(model, {"model.transformer.h.0.attn:matmul.7": "int4"}, x)  # once run: checked exactly
     with pytest.raises(ValueError, match="unwrap it"):
         bw.wrap(nn.Sequential(model), {})
+
+
+def test_a_weight_reused_with_autograd_on_gives_the_exact_gradient_and_follows_updates():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Conv1d(1, 2, 3))
+    x = torch.randn(4, 1, 6)
+    fmt = bw.QuantSpec(weight=IntFormat(3, scale="percentile", percentile=90.0))  # clips: the mask matters
+    bw.wrap(model, {"*": fmt})
+
+    def grads():
+        model.zero_grad()
+        model(x).square().sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    first = grads()  # quantized afresh
+    again = grads()  # reused through the cached mask
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert (model[0].weight.grad == 0).any()  # clipped weights get no gradient, also when reused
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)  # an update: the next forward quantizes the new weight
+    out = model(x)
+    expected = nn.functional.conv1d(torch.relu(nn.functional.linear(
+        x, fmt.weight.quantize(model[0].weight, axis=0), model[0].bias)), fmt.weight.quantize(model[2].weight, axis=0),
+        model[2].bias)
+    assert torch.equal(out, expected)
