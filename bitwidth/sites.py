@@ -284,14 +284,15 @@ class Engine:
         grad = torch.is_grad_enabled() and w.requires_grad
         if cacheable and st.cache is not None and st.cache[0] == key:
             _, q, mask = st.cache
-            if not grad:
-                return q
-            if mask is None:
+            if q is None:  # a second call at this weight version: worth keeping from now on
+                q = fmt.quantize(w.detach(), axis=slot.axis)
+            if grad and mask is None:
                 mask = _ste_mask(w, fmt, slot.axis)
-                st.cache = (key, q, mask)
-            return _CachedSTE.apply(w, q, mask)
+            st.cache = (key, q, mask)
+            return _CachedSTE.apply(w, q, mask) if grad else q
         q = fmt.quantize(w, axis=slot.axis)
-        st.cache = (key, q.detach(), None) if cacheable else None
+        # Training changes the weight every step: keep no copy until a version is used twice.
+        st.cache = (key, None if grad else q, None) if cacheable else None
         return q
 
     def _weight_site(self, t: Any) -> WeightSlot | None:
