@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_report import _record_stats
 from torch import nn
 
 from bitwidth.criteria import make_criterion
@@ -17,10 +18,9 @@ from bitwidth.report import write_report
 from bitwidth.report.run_files import load_run
 from bitwidth.result import SearchResult, read_csv
 from bitwidth.runner import run_search
-from bitwidth.stats import record
 from bitwidth.tasks import Task
 from bitwidth.tasks.digits import digits_datasets
-from bitwidth.trial import TrialOptions, train_baseline
+from bitwidth.trial import TrialOptions
 from bitwidth.wrap import QuantSpec
 
 # Module names pandas would read back as an int, a float, a missing value or a boolean.
@@ -44,14 +44,7 @@ def awkward_run(tmp_path_factory) -> Path:
     task = Task("awkward-names", _awkward_model, train, val, batch_size=64)
     run_search(task, mode="ptq", layers=list(LAYERS), kinds=("weight",), candidates=(2, 8), strategy="grid",
                criterion=make_criterion("accuracy", max_drop=0.05), trial_options=OPTIONS, run_dir=d)
-    base = train_baseline(task, OPTIONS, cache_dir=d)
-    model = task.build_model(OPTIONS.seed)
-    model.load_state_dict(base.state_dict)
-    with record(model, kinds=("weight", "activation")) as rec:
-        for x, _ in task.calib_batches(2):
-            model(x)
-    rec.save(d / "stats.pt")
-    rec.to_frame().to_csv(d / "stats.csv", index=False)
+    _record_stats(task, d, OPTIONS)
     return d
 
 
