@@ -394,7 +394,9 @@ def _search(evaluate: _Evaluator, space: SearchSpace, strategy: str, costs: Cost
     # transformer) that a round per step costs pairs x steps trials: then the lazy greedy too.
     noisy = evaluate.options.mode == "train"
     lazy = noisy or len(minima) > EXHAUSTIVE_JOINT_PAIRS
-    ceiling = None if same.bits is None or not noisy else {
+    # The lazy greedy judges raises by scores that may be stale: capped at the uniform width
+    # that passes, it cannot wander past a plan the uniform search already found.
+    ceiling = None if same.bits is None or not lazy else {
         p: None if n is None else max(n, same.bits) for p, n in minima.items()}
     steps = max(1, len(minima) // 4) + sum(1 for n_ in minima.values() if n_ is None)
     evaluate.start("joint", "joint plan", plans=1 + steps * (1 if lazy else len(minima)))
