@@ -17,7 +17,7 @@ quantizes 66.7% of MAC inputs and 66.7% of weight elements; left out: 2 (weight)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ from .registry import weight_axes
 from .sites import Engine, _Trace, engine_of
 from .wrap import KINDS, Plan, _resolver, _specs
 
-__all__ = ["SITE_COLUMNS", "Coverage", "call_model", "coverage", "sites"]
+__all__ = ["SITE_COLUMNS", "Coverage", "call_model", "coverage", "sites", "weigh"]
 
 SITE_COLUMNS = ["site", "kind", "op", "param", "shape", "elements", "macs", "inputs", "quantizable", "reason"]
 
@@ -73,13 +73,16 @@ def sites(model: nn.Module, example_inputs: Any) -> pd.DataFrame:
     Weights that no registry rule names (``MultiheadAttention.bias_k``) are listed as
     not quantizable.
     """
+    return _table(model, example_inputs)[1]
+
+
+def _table(model: nn.Module, example_inputs: Any) -> tuple[Engine, pd.DataFrame]:
     eng, trace = _trace(model, example_inputs)
     names = {id(p): n for n, p in model.named_parameters()}
-    rows = dict(trace.rows)
+    rows = trace.rows
     for slot in eng.slots.values():
         if (slot.name, "weight") not in rows and slot.param is not None:
             trace.add(slot.name, "weight", type(slot.module).__name__, slot.param, 0)
-    rows = trace.rows
     for mname, m in eng.modules.items():
         weights = weight_axes(m)
         for pname, p in m._parameters.items():
@@ -92,7 +95,7 @@ def sites(model: nn.Module, example_inputs: Any) -> pd.DataFrame:
     frame["param"] = [names.get(id(eng.slots[s].param), s) if k == "weight" and s in eng.slots else ""
                       for s, k in zip(frame["site"], frame["kind"], strict=True)]
     frame["_o"] = [order[s] * 3 + KINDS.index(k) for s, k in zip(frame["site"], frame["kind"], strict=True)]
-    return frame.sort_values("_o", kind="stable")[SITE_COLUMNS].reset_index(drop=True)
+    return eng, frame.sort_values("_o", kind="stable")[SITE_COLUMNS].reset_index(drop=True)
 
 
 @dataclass(frozen=True)
@@ -117,15 +120,19 @@ def coverage(model: nn.Module, plan: Plan, example_inputs: Any) -> Coverage:
     A weight element counts when every site reading its parameter quantizes it. Gradient
     sites are listed as left out only when the plan quantizes some gradient.
     """
-    table = sites(model, example_inputs)
-    eng = engine_of(model) or Engine(model)
-    seen = dict(eng.seen)
-    eng.seen.update({s: "" for s in table["site"]})  # validate keys against everything the trace saw
-    try:
-        resolve = _resolver(_specs(eng, plan, strict=True))
-    finally:
-        eng.seen.clear()
-        eng.seen.update(seen)
+    eng, table = _table(model, example_inputs)
+    return weigh(table, _resolver(_specs(eng, plan, strict=True, traced=table["site"])))
+
+
+def weigh(table: pd.DataFrame, resolve: Callable[[str], Any]) -> Coverage:
+    """:func:`coverage` of a :func:`sites` table under ``resolve`` (site -> spec), with no forward.
+
+    >>> import torch, torch.nn as nn
+    >>> from bitwidth.wrap import QuantSpec
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> weigh(sites(model, torch.zeros(1, 4)), lambda site: QuantSpec("int8")).weight_fraction
+    1.0
+    """
     table = table.copy()
     table["quantized"] = [bool(q) and getattr(resolve(s), k) is not None
                           for s, k, q in zip(table["site"], table["kind"], table["quantizable"], strict=True)]

@@ -37,6 +37,7 @@ from .criteria import criterion_from_dict, lower_is_better
 from .wrap import QuantSpec, plan_from_dict, plan_to_dict
 
 __all__ = [
+    "as_float",
     "MIN_BITS_COLUMNS",
     "RESULT_FILES",
     "TEXT_COLUMNS",
@@ -137,10 +138,10 @@ def failure_reason(row: Mapping[str, Any], criterion: Mapping[str, Any] | None, 
     crit = dict(criterion or {})
     name = str(crit.get("metric", "accuracy"))
     causes = []
-    value = _number(row.get("metric"))
+    value = as_float(row.get("metric"))
     if not math.isfinite(value):
         causes.append(f"{name} {value}")
-    elif crit and baseline_metric is not None and math.isfinite(_number(baseline_metric)):
+    elif crit and baseline_metric is not None and math.isfinite(as_float(baseline_metric)):
         try:
             limit = criterion_from_dict(crit).threshold({name: float(baseline_metric)})
         except ValueError:  # a criterion this version does not know: no threshold to cite
@@ -149,7 +150,7 @@ def failure_reason(row: Mapping[str, Any], criterion: Mapping[str, Any] | None, 
             causes.append(_compare(name, value, ">", limit))
         elif not lower_is_better(name) and value < limit:
             causes.append(_compare(name, value, "<", limit))
-    train_loss, base_loss = _number(row.get("train_loss")), _number(baseline_train_loss)
+    train_loss, base_loss = as_float(row.get("train_loss")), as_float(baseline_train_loss)
     if crit.get("name") == "converge" and math.isfinite(base_loss):
         factor = 1 + float(crit.get("loss_tol", 0.5))
         if not math.isfinite(train_loss) and "train_loss" in row:
@@ -180,7 +181,12 @@ def reason_causes(reason: Any) -> list[str]:
     return causes
 
 
-def _number(value: Any) -> float:
+def as_float(value: Any) -> float:
+    """``value`` as a float; NaN when missing or not a number (tables read from files).
+
+    >>> as_float("0.5"), as_float(None)
+    (0.5, nan)
+    """
     try:
         return float(value) if value is not None else math.nan
     except (TypeError, ValueError):
@@ -243,7 +249,7 @@ def with_outcomes(trials: pd.DataFrame, summary: Mapping[str, Any],
         outs = [records[k].get("outcome", {}) for k in (keys.split() if isinstance(keys, str) else [])
                 if k in records]
         names = sorted({n for o in outs for n in o.get("metrics", {})})
-        per_row.append({n: statistics.fmean(_number(o.get("metrics", {}).get(n)) for o in outs) for n in names})
+        per_row.append({n: statistics.fmean(as_float(o.get("metrics", {}).get(n)) for o in outs) for n in names})
     for name in sorted({n for m in per_row for n in m} - set(frame.columns)):
         frame[name] = [m.get(name, math.nan) for m in per_row]
     crit = (summary.get("config") or {}).get("criterion")

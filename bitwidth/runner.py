@@ -34,7 +34,7 @@ from . import rundir as rd
 from . import trial as _trial
 from .config import check_search_inputs
 from .cost import COST_MEASURES, CostModel
-from .coverage import coverage, sites
+from .coverage import coverage, weigh
 from .executors import Executor, make_executor
 from .families import make_format, needs_absmax
 from .formats import Format
@@ -209,13 +209,13 @@ def select_layers(model: nn.Module, layers: str | Sequence[str], example_input: 
     ['0', '2']
     """
     patterns = [layers] if isinstance(layers, str) else list(layers)
-    if example_input is None:
-        names = list(resolve_plan(model, dict.fromkeys(patterns, QuantSpec())))  # raises, naming the closest
-    else:
-        from .coverage import coverage
+    if example_input is None:  # both raise for a pattern that selects nothing, naming the closest sites
+        return _selected(resolve_plan(model, dict.fromkeys(patterns, QuantSpec())), patterns)
+    return _selected(coverage(model, dict.fromkeys(patterns, QuantSpec()), example_input).table["site"], patterns)
 
-        names = list(dict.fromkeys(coverage(model, dict.fromkeys(patterns, "int8"), example_input).table["site"]))
-    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+def _selected(names: Iterable[str], patterns: Sequence[str]) -> list[str]:
+    return [n for n in dict.fromkeys(names) if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
 def select_pairs(table: pd.DataFrame, names: Sequence[str], kinds: Sequence[str]) -> list[Pair]:
@@ -321,14 +321,15 @@ kinds weight and activation
     if "absmax" in fam_opts:
         raise ValueError("family_options cannot set absmax: it is measured per layer from the data")
     model = task.build_model(seeds[0])
-    names = select_layers(model, layers, task.example_input())
-    table = sites(model, task.example_input())
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+    table = coverage(model, dict.fromkeys(patterns, QuantSpec()), task.example_input()).table  # one forward
+    names = _selected(table["site"], patterns)
     costs = CostModel.from_sites(table)
     pairs = select_pairs(table, names, kinds)
     if not pairs:
         raise ValueError(f"the selected sites have none of the kinds {list(kinds)}")
-    covered = coverage(model, {n: QuantSpec(**{k: "int8" for k in kinds if (n, k) in pairs}) for n in names},
-                       task.example_input())
+    searched = set(pairs)
+    covered = weigh(table, lambda site: QuantSpec(**{k: "int8" for k in kinds if (site, k) in searched}))
     logging.getLogger("bitwidth").info("the search %s", covered)
     # Bad family options fail here, before any training.
     make_format(family, max(candidates, default=8), **fam_opts, **({"absmax": 1.0} if needs_absmax(family) else {}))

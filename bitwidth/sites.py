@@ -339,28 +339,24 @@ class Engine:
         if any(new[i] is not values[i] for i in acts):
             args, kwargs = with_operands(op, args, kwargs, new)
         out = func(*args, **kwargs)
+        per = _operand_macs(op, args, values, out) if self.trace is not None or self.taps else []
         if self.trace is not None:
-            self._trace_op(op, args, names, values, acts, out, slot)
+            self._trace_op(op, names, values, acts, per, out, slot)
         out = self._gradient(names[-1], out)
         if self.taps:
-            self._tap_output(op, args, names, values, out, names[-1])
+            self._tap_output(op, names, values, per, out)
         return out
 
-    def _tap_output(self, op: Op, args: tuple, names: list[str], values: list, out: Any, site: str) -> None:
+    def _tap_output(self, op: Op, names: list[str], values: list, per: list[int], out: Any) -> None:
         x, w = values[0], values[1] if len(values) > 1 else None
         batched = isinstance(x, Tensor) and x.dim() >= 2 and (op.name not in ("conv", "conv_transpose")
                                                               or w is None or x.dim() == w.dim())
         batch = x.shape[0] if batched else 1
-        if op.name == "sdpa":
-            qk, pv = sdpa_macs(*values[:3])
-            per = dict(zip(names, (qk, qk, pv), strict=True))
-        else:
-            per = {site: op_macs(op, args, values, out)}
-        for name, macs in per.items():
+        for name, macs in zip(names, per, strict=True):
             self.site_macs.setdefault(name, macs / max(batch, 1))
         if isinstance(out, Tensor) and out.is_floating_point():
             for tap in self.taps:
-                tap(site, "output", out, False)
+                tap(names[-1], "output", out, False)
 
     def _activation(self, site: str, x: Tensor) -> Tensor:
         fmt = self.spec(site).activation
@@ -395,15 +391,12 @@ class Engine:
 
         return F.quantize_gradient(out, on_grad)
 
-    def _trace_op(self, op: Op, args: tuple, names: list[str], values: list, acts: list[int], out: Any,
+    def _trace_op(self, op: Op, names: list[str], values: list, acts: list[int], per: list[int], out: Any,
                   slot: WeightSlot | None) -> None:
         tr = self.trace
         assert tr is not None
-        macs = op_macs(op, args, values, out)
-        per = list(sdpa_macs(*values[:3])) if op.name == "sdpa" else [macs]
-        per = [per[0], per[0], per[1]] if op.name == "sdpa" else per * len(values)  # the product each enters
         if slot is not None:
-            tr.add(slot.name, "weight", type(slot.module).__name__, slot.param, macs)
+            tr.add(slot.name, "weight", type(slot.module).__name__, slot.param, per[0])
         for name in dict.fromkeys(names[i] for i in acts):  # one row per site: a matmul's two inputs share it
             mine = [i for i in acts if names[i] == name]
             tr.add(name, "activation", op.name, values[mine[0]], per[mine[0]], inputs=len(mine))
@@ -453,6 +446,14 @@ class _CachedSTE(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         (mask,) = ctx.saved_tensors
         return torch.where(mask, g, 0.0), None, None
+
+
+def _operand_macs(op: Op, args: tuple, values: list, out: Any) -> list[int]:
+    """MACs of the product each operand enters (attention: q and k the scores', v the output's)."""
+    if op.name == "sdpa":
+        qk, pv = sdpa_macs(*values[:3])
+        return [qk, qk, pv]
+    return [op_macs(op, args, values, out)] * len(values)
 
 
 def _observe(st: SiteState, x: Tensor, sample_size: int = 1 << 16) -> None:

@@ -127,16 +127,17 @@ def _could_be_op_site(eng: Engine, key: str) -> bool:
     return bool(sep) and module in eng.modules and rest.split(".")[0] in _OP_NAMES
 
 
-def _check_keys(eng: Engine, keys: Iterable[str], strict: bool = False) -> None:
-    known = list(eng.slots) + [s for s in eng.seen if s not in eng.slots]
+def _check_keys(eng: Engine, keys: Iterable[str], strict: bool = False, traced: Iterable[str] = ()) -> None:
+    seen = {**eng.seen, **dict.fromkeys(traced, "")}  # sites a forward has shown
+    known = list(eng.slots) + [s for s in seen if s not in eng.slots]
     problems = []
     for key in keys:
         if not isinstance(key, str):
             raise ValueError(f"plan keys are site names or glob patterns (str), got {key!r}")
         if _is_pattern(key):
-            ok = any(fnmatch.fnmatchcase(n, key) for n in known) or (":" in key and not eng.seen)
+            ok = any(fnmatch.fnmatchcase(n, key) for n in known) or (":" in key and not seen)
         else:
-            ok = key in eng.slots or key in eng.seen or (not strict and _could_be_op_site(eng, key))
+            ok = key in eng.slots or key in seen or (not strict and _could_be_op_site(eng, key))
         if not ok:
             problems.append(_no_match(eng, key, known))
     if problems:  # every bad key at once
@@ -176,12 +177,13 @@ class _resolver:  # noqa: N801 (a picklable closure: wrapped models pickle)
         return spec
 
 
-def _specs(eng: Engine, plan: Plan, strict: bool = False) -> dict[str, QuantSpec]:
-    """The plan's specs, its keys checked against the sites (``strict``: only sites seen count)."""
+def _specs(eng: Engine, plan: Plan, strict: bool = False, traced: Iterable[str] = ()) -> dict[str, QuantSpec]:
+    """The plan's specs, its keys checked against the sites (``strict``: only sites seen count;
+    ``traced``: sites a traced forward listed)."""
     if not isinstance(plan, Mapping):
         raise ValueError(f"a plan maps site names or glob patterns to specs, got {type(plan).__name__}")
     specs = {key: as_spec(value) for key, value in plan.items()}
-    _check_keys(eng, specs, strict)
+    _check_keys(eng, specs, strict, traced)
     return specs
 
 

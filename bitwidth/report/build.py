@@ -25,7 +25,7 @@ from matplotlib.figure import Figure as MplFigure
 
 from .. import rundir as rd
 from ..criteria import lower_is_better
-from ..result import format_metric
+from ..result import as_float, format_metric
 from . import plots
 from .document import Cards, Document, Figure, Section, Table, Text
 from .html import render_html
@@ -72,7 +72,7 @@ class _Context:
         cfg = run.search_config
         base = run.summary.get("baseline", {})
         self.metric = base.get("metric_name", "accuracy")
-        self.base = _float(base.get("metric"))
+        self.base = as_float(base.get("metric"))
         self.family = cfg.get("family")
         self.bits_label = SEARCHED.get(self.family or "", "bits")
         self.candidates = [int(c) for c in cfg.get("candidates", [])]
@@ -93,17 +93,11 @@ class _Context:
 
     def margin(self, m: Any) -> str:
         """A criterion's allowed drop or rise: points of an accuracy, or a fraction of fp32's value."""
-        m = _float(m)
+        m = as_float(m)
         if self.criterion.get("relative"):
             return f"{m:.1%} of it"
         return f"{m * 100:g} pt" if self.percent else f"{m:g}"
 
-
-def _float(v: Any) -> float:
-    try:
-        return float(v) if v is not None else math.nan
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def _threshold(criterion: dict[str, Any] | None, metric: str | None, base: float) -> float | None:
@@ -130,7 +124,7 @@ def _answer(ctx: _Context) -> list[Section]:
               f"{ctx.change(joint['change'])} vs fp32 ({ctx.value(ctx.base)}); "
               f"{'passes' if joint['passed'] else 'FAILS'} the criterion")]
     for measure, label in (("memory_bits", "weight memory"), (cost_measure, _MEASURE_NAMES[cost_measure])):
-        vs_fp32, vs_uni = _float(joint.get(f"{measure}_vs_fp32")), _float(joint.get(f"{measure}_vs_uniform"))
+        vs_fp32, vs_uni = as_float(joint.get(f"{measure}_vs_fp32")), as_float(joint.get(f"{measure}_vs_uniform"))
         if math.isfinite(vs_fp32):
             detail = f"{vs_uni:.1%} of the best uniform plan" if math.isfinite(vs_uni) else "no uniform width passed"
             cards.append((label, f"{vs_fp32:.1%} of fp32", detail))

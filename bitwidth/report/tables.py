@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from ..cost import COST_MEASURES, CostModel, LayerCost
+from ..result import as_float
 from ..search import plan_label
 from ..wrap import KINDS, QuantSpec, plan_from_dict
 
@@ -117,28 +118,22 @@ def answer_table(summary: Mapping[str, Any], costs: pd.DataFrame) -> pd.DataFram
     """
     base = summary.get("baseline", {})
     name = base.get("metric_name", "metric")
-    ref = _num(base.get("metric"))
+    ref = as_float(base.get("metric"))
     uni, joint = summary.get("uniform", {}), summary.get("joint", {})
     rows = {
         "fp32": {"bits": "32", name: ref, "passed": True},
         "uniform": {"bits": str(uni["bits"]) if uni.get("bits") is not None else "none passed",
-                    name: _num(uni.get("metric")), "passed": bool(uni.get("passed", False))},
-        "joint": {"bits": "mixed", name: _num(joint.get("metric")), "passed": bool(joint.get("passed", False))},
+                    name: as_float(uni.get("metric")), "passed": bool(uni.get("passed", False))},
+        "joint": {"bits": "mixed", name: as_float(joint.get("metric")), "passed": bool(joint.get("passed", False))},
     }
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.insert(2, "change", (table[name] - ref).round(12))
     ratios = [c for m in COST_MEASURES for c in (f"{m}_vs_fp32", f"{m}_vs_uniform") if c in costs.columns]
     for col in ratios:
-        table[col] = [_num(costs[col].get(p)) if p in costs.index else math.nan for p in table.index]
+        table[col] = [as_float(costs[col].get(p)) if p in costs.index else math.nan for p in table.index]
     table.index.name = "plan"
     return table
 
-
-def _num(value: Any) -> float:
-    try:
-        return float(value) if value is not None else math.nan
-    except (TypeError, ValueError):
-        return math.nan
 
 
 # ----------------------------------------------------------------------------- why: sensitivity
@@ -345,7 +340,7 @@ def pareto_table(trials: pd.DataFrame, records: Mapping[str, Mapping[str, Any]],
     ratio_cols = [f"{m}_vs_fp32" for m in measures]
     cols = ["group", "plan", "bits", "metric", "passed", *ratio_cols]
     base = summary.get("baseline", {})
-    rows = [{"group": "fp32", "plan": "fp32", "bits": 32, "metric": _num(base.get("metric")), "passed": True,
+    rows = [{"group": "fp32", "plan": "fp32", "bits": 32, "metric": as_float(base.get("metric")), "passed": True,
              **dict.fromkeys(ratio_cols, 1.0)}]
     sizes = summary.get("layer_costs")
     if sizes:
@@ -375,8 +370,8 @@ def pareto_table(trials: pd.DataFrame, records: Mapping[str, Mapping[str, Any]],
                 continue
             part = summary.get(plan, {})
             rows.append({"group": plan, "plan": plan, "bits": part.get("bits") if plan == "uniform" else None,
-                         "metric": _num(part.get("metric")), "passed": bool(part.get("passed", False)),
-                         **{c: _num(costs.loc[plan].get(c)) for c in ratio_cols}})
+                         "metric": as_float(part.get("metric")), "passed": bool(part.get("passed", False)),
+                         **{c: as_float(costs.loc[plan].get(c)) for c in ratio_cols}})
     table = pd.DataFrame(rows, columns=cols)
     table["bits"] = table["bits"].astype("Int64")
     return table.drop_duplicates(["group", "plan"], keep="last").reset_index(drop=True)
