@@ -1,21 +1,38 @@
-"""Search speed on digits_cnn: grid vs bisect post-training, and a whole training-mode search.
+"""Search cost: grid, bisect, predict and predict with early stopping, side by side.
 
-Prints one table. Post-training: int weights and activations of every layer,
-candidates 2..8, grid and bisect from the same cached baseline (each into a fresh run
-directory, so nothing is reused); the minima must agree. Training mode: weight,
-activation and gradient of every layer, candidates 2,3,4,6,8,12,16, a short schedule,
-bisect with one worker. Wall times exclude training the baseline, which is reported
-on its own line.
+Prints one table per run. For each model every search starts from the same cached fp32
+baseline in a fresh run directory (nothing reused) and runs the whole search: per-pair
+minima, best uniform width, joint step. Columns:
 
-    python benchmarks/bench_search.py                 # both parts
-    python benchmarks/bench_search.py --skip-train    # post-training only (about a minute)
+- ``full evals / pair``: validation samples evaluated by every trial the search ran,
+  divided by the validation set's size and by the number of (site, kind) pairs: 1.0 is one
+  full pass over the validation set per pair, joint and uniform steps included;
+- ``vs bisect``: how many times fewer samples than bisect evaluated;
+- ``trials``: trials run, all steps; ``wall s``: the search (baseline excluded);
+- ``minima = grid``: whether every pair's minimum equals grid's.
+
+Models: ``digits_cnn`` (configs/quickstart.yaml: int weights and activations, 2..8,
+accuracy within 1 point), ``tiny_lm`` (configs/tiny_lm.yaml: every site of the byte-level
+transformer, loss within 5%), and ``deep_mlp``, a residual MLP on digits with 52 linear
+layers (104 pairs), for timing. ``--profile`` prints a post-training trial on digits_cnn
+against a bare evaluation of the same quantized model, with a cProfile of the trial.
+
+    python benchmarks/bench_search.py                 # everything: about 10 min on 2 quiet cores
+    python benchmarks/bench_search.py --quick         # smaller language model and data: about 3 min
+    python benchmarks/bench_search.py --models digits_cnn --profile
     python benchmarks/bench_search.py --keep runs/bench   # keep the run directories (reports, tables)
+
+``aimet-torch`` (its mixed-precision search as an optional row) is not installable on this
+Python 3.11 / torch 2.14 machine (see the README); the row is left out.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import os
+import pstats
 import shutil
 import tempfile
 import time
@@ -23,40 +40,150 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from bitwidth.criteria import make_criterion
 from bitwidth.runner import run_search
 from bitwidth.search import SearchResult
 from bitwidth.tasks import TaskLike, make_task
-from bitwidth.trial import BASELINE_FILE, TrialOptions, train_baseline
+from bitwidth.trial import BASELINE_FILE, TrialCache, TrialOptions, run_trial, train_baseline
+
+SEARCHES = {
+    "grid": {"strategy": "grid"},
+    "bisect": {"strategy": "bisect"},
+    "predict": {"strategy": "predict"},
+    "predict + early stop": {"strategy": "predict", "early_stop": True},
+}
+
+
+class _Residual(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.1 * self.fc(torch.relu(x))
+
+
+def deep_mlp(depth: int = 50, width: int = 64) -> nn.Module:
+    """A residual MLP on 8x8 digits: ``depth`` hidden linear layers plus input and output (52 sites)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, width), *[_Residual(width) for _ in range(depth)],
+                         nn.ReLU(), nn.Linear(width, 10))
+
+
+def models(quick: bool) -> dict[str, dict[str, Any]]:
+    """Each model's task, baseline schedule and search settings (the shipped configs')."""
+    lm_data = {"train_bytes": 131_072, "val_bytes": 16_384} if quick else {}
+    return {
+        "digits_cnn": {
+            "task": lambda: make_task("digits_cnn", "digits"), "options": TrialOptions(epochs=10),
+            "search": {"kinds": ("weight", "activation"), "candidates": (2, 3, 4, 5, 6, 8),
+                       "criterion": make_criterion("accuracy", max_drop=0.01)}},
+        "tiny_lm": {
+            "task": lambda: make_task("tiny_lm", "pytext", **lm_data),
+            "options": TrialOptions(epochs=3 if quick else 6, lr=0.003, optimizer="adam", batch_size=32),
+            "search": {"kinds": ("weight", "activation"), "candidates": (2, 3, 4, 5, 6, 8),
+                       "criterion": make_criterion("loss", max_rise=0.05)}},
+        "deep_mlp": {
+            "task": lambda: make_task(f"{Path(__file__).resolve()}:deep_mlp", "digits"),
+            "options": TrialOptions(epochs=10, lr=0.05),
+            "search": {"kinds": ("weight", "activation"), "candidates": (2, 3, 4, 5, 6, 8),
+                       "criterion": make_criterion("accuracy", max_drop=0.01)}},
+    }
 
 
 def timed_search(task: TaskLike, base_dir: Path, name: str, **config: Any) -> tuple[float, SearchResult]:
-    run_dir = base_dir / name
+    run_dir = base_dir / name.replace(" ", "").replace("+", "_")
     run_dir.mkdir()
     shutil.copy(base_dir / BASELINE_FILE, run_dir / BASELINE_FILE)
     start = time.perf_counter()
-    result = run_search(task, run_dir=run_dir, **config)
+    result = run_search(task, run_dir=run_dir, mode="ptq", **config)
     return time.perf_counter() - start, result
 
 
-def row(name: str, seconds: float, result: SearchResult | None = None, note: str = "") -> str:
-    if result is None:
-        return f"| {name} | | | {seconds:8.1f} | {note} |"
-    counts = result.summary["counts"]
-    per_layer = int(result.min_bits["evaluations"].sum())
-    return f"| {name} | {per_layer} | {counts['trials_run']} | {seconds:8.1f} | {note} |"
+def bench_model(name: str, spec: dict[str, Any], tmp: Path, searches: list[str]) -> list[str]:
+    task = spec["task"]()
+    base_dir = tmp / name
+    base_dir.mkdir()
+    start = time.perf_counter()
+    train_baseline(task, spec["options"], cache_dir=base_dir)
+    lines = [f"| {name} | fp32 baseline | | | | {time.perf_counter() - start:.1f} | | |"]
+    results: dict[str, tuple[float, SearchResult]] = {}
+    for search in searches:
+        results[search] = timed_search(task, base_dir, search, trial_options=spec["options"],
+                                       **spec["search"], **SEARCHES[search])
+    cols = ["layer", "kind", "min_bits"]
+    grid = results.get("grid")
+    bisect_samples = results["bisect"][1].summary["counts"]["samples_run"] if "bisect" in results else None
+    for search, (wall, result) in results.items():
+        counts = result.summary["counts"]
+        same = "" if grid is None else str(grid[1].min_bits[cols].equals(result.min_bits[cols]))
+        fewer = f"{bisect_samples / counts['samples_run']:.2f}x" if bisect_samples else ""
+        joint = result.summary["joint"]
+        lines.append(f"| {name} ({counts['pairs']} pairs) | {search} | {counts['full_evaluations_per_pair']:.2f} | "
+                     f"{fewer} | {counts['trials_run']} | {wall:.1f} | {same} | "
+                     f"{'pass' if joint['passed'] else 'FAIL'} {joint['metric']:.4f} |")
+    return lines
+
+
+def profile_trial(tmp: Path, repeats: int = 200) -> str:
+    """A post-training trial on digits_cnn (as the runner runs it, and without the per-process
+    cache) against a bare evaluation of the same quantized model; the cached trial's cProfile."""
+    from bitwidth.tasks.base import evaluate
+    from bitwidth.wrap import QuantSpec, calibrate, wrap
+
+    task, options = make_task("digits_cnn"), TrialOptions(epochs=10)
+    base = train_baseline(task, options, cache_dir=tmp)
+    plan = {"conv2": QuantSpec(weight="int4", activation="int4")}
+    model = task.build_model(0)
+    model.load_state_dict(base.state_dict)
+    wrap(model, plan)
+    calibrate(model, [x for x, _ in task.calib_batches(options.calib_batches)])
+    batches = list(task.val_batches())
+    cache = TrialCache()
+
+    def bare() -> None:
+        evaluate(model, batches)
+
+    def fresh() -> None:
+        run_trial(task, plan, options, base)
+
+    def cached() -> None:
+        run_trial(task, plan, options, base, cache=cache)
+
+    times: dict[str, list[float]] = {"bare": [], "fresh": [], "cached": []}
+    fns = {"bare": bare, "fresh": fresh, "cached": cached}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):  # interleaved, so load on the machine hits all three alike
+        for label, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - start)
+    med = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
+    out = [f"post-training trial on digits_cnn ({repeats} interleaved repetitions, medians):",
+           f"  bare quantized evaluation  {med['bare']:6.2f} ms",
+           f"  trial, fresh model         {med['fresh']:6.2f} ms  ({med['fresh'] / med['bare']:.2f}x bare)",
+           f"  trial, per-process cache   {med['cached']:6.2f} ms  ({med['cached'] / med['bare']:.2f}x bare)"]
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(50):
+        cached()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(14)
+    return "\n".join(out) + "\n\ncProfile of 50 cached trials:\n" + text.getvalue().split("\n\n", 1)[-1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="digits_cnn")
-    parser.add_argument("--ptq-epochs", type=int, default=10, help="baseline epochs for the post-training part")
-    parser.add_argument("--train-epochs", type=int, default=3, help="the short schedule of the training-mode search")
-    parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--models", nargs="+", default=["digits_cnn", "tiny_lm", "deep_mlp"],
+                        choices=["digits_cnn", "tiny_lm", "deep_mlp"])
+    parser.add_argument("--searches", nargs="+", default=list(SEARCHES), choices=list(SEARCHES))
+    parser.add_argument("--quick", action="store_true", help="a smaller language model run (less data, 3 epochs)")
+    parser.add_argument("--profile", action="store_true", help="also profile one post-training trial")
     parser.add_argument("--keep", type=Path, help="write the run directories here instead of a temporary one")
     args = parser.parse_args()
-
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=False)
         bench(args, args.keep)
@@ -66,51 +193,18 @@ def main() -> None:
 
 
 def bench(args: argparse.Namespace, tmp: Path) -> None:
-    task = make_task(args.model)
-    lines = [f"{args.model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, one worker", "",
-             "| search | per-layer evaluations | trials run (all steps) | wall s | note |",
-             "| --- | ---: | ---: | ---: | --- |"]
-
-    ptq_options = TrialOptions(epochs=args.ptq_epochs)
-    base_dir = tmp / "ptq"
-    base_dir.mkdir()
-    start = time.perf_counter()
-    train_baseline(task, ptq_options, cache_dir=base_dir)
-    lines.append(row(f"fp32 baseline ({args.ptq_epochs} epochs)", time.perf_counter() - start))
-    ptq = dict(mode="ptq", kinds=("weight", "activation"), candidates=tuple(range(2, 9)),
-               criterion=make_criterion("accuracy", max_drop=0.01), trial_options=ptq_options)
-    t_grid, by_grid = timed_search(task, base_dir, "grid", strategy="grid", **ptq)
-    t_bisect, by_bisect = timed_search(task, base_dir, "bisect", strategy="bisect", **ptq)
-    cols = ["layer", "kind", "min_bits"]
-    same = by_grid.min_bits[cols].equals(by_bisect.min_bits[cols])
-    ratio = by_grid.min_bits["evaluations"].sum() / by_bisect.min_bits["evaluations"].sum()
-    lines.append(row("ptq grid, int w+a, 2..8", t_grid, by_grid))
-    lines.append(row("ptq bisect, int w+a, 2..8", t_bisect, by_bisect,
-                     f"{ratio:.2f}x fewer evaluations; same minima: {same}"))
-
-    if not args.skip_train:
-        train_options = TrialOptions(mode="train", epochs=args.train_epochs)
-        train_dir = tmp / "train"
-        train_dir.mkdir()
-        start = time.perf_counter()
-        train_baseline(task, train_options, cache_dir=train_dir)
-        lines.append(row(f"fp32 baseline ({args.train_epochs} epochs)", time.perf_counter() - start))
-        t_train, by_train = timed_search(
-            task, train_dir, "train", mode="train", kinds=("weight", "activation", "gradient"),
-            candidates=(2, 3, 4, 6, 8, 12, 16), criterion=make_criterion("converge"), trial_options=train_options)
-        lines.append(row(f"train bisect, int w+a+g, {args.train_epochs} epochs", t_train, by_train,
-                         f"{t_train / 60:.1f} min; joint passed: {by_train.joint_passed}"))
-
-    print("\n".join(lines))
-    print("\nmin_bits (ptq, bisect):")
-    print(by_bisect.min_bits.to_string(index=False))
-    print("\ncosts (ptq, bisect):")
-    ptq_cols = ["memory_bits", "bops", "memory_bits_vs_fp32", "bops_vs_fp32", "bops_vs_uniform"]
-    print(by_bisect.costs[ptq_cols].to_string())
-    if not args.skip_train:
-        print("\nmin_bits (train):")
-        print(by_train.min_bits.to_string(index=False))
-        print(by_train.costs[["memory_bits", "train_bops", "train_bops_vs_fp32", "train_bops_vs_uniform"]].to_string())
+    torch.set_num_threads(1)
+    specs = models(args.quick)
+    print(f"{os.cpu_count()} cores, torch threads 1, one local worker{', --quick' if args.quick else ''}\n")
+    lines = ["| model | search | full evals / pair | fewer samples than bisect | trials | wall s | minima = grid "
+             "| joint plan |", "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |"]
+    for name in args.models:
+        lines += bench_model(name, specs[name], tmp, args.searches)
+        print("\n".join(lines), flush=True)
+        lines = []
+    if args.profile:
+        (tmp / "profile").mkdir()
+        print("\n" + profile_trial(tmp / "profile"))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@
 """
 
 from ._version import __version__
+from .adaptive import KindPolicy, PrecisionController
 from .coverage import Coverage, coverage, sites
+from .export_onnx import ExportSummary, export_onnx
+from .export_torchao import to_torchao
 from .families import make_format
 from .formats import FixedFormat, FloatFormat, Format, IntFormat, format_from_dict, format_to_dict, parse_format
 from .registry import register_module
@@ -61,4 +64,9 @@ __all__ = [
     "coverage",
     "Coverage",
     "register_module",
+    "PrecisionController",
+    "KindPolicy",
+    "export_onnx",
+    "ExportSummary",
+    "to_torchao",
 ]

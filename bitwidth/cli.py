@@ -1,4 +1,4 @@
-"""The ``bitwidth`` command line: run, validate, report, stats, formats.
+"""The ``bitwidth`` command line: run, validate, report, stats, formats, export.
 
 Exit codes: 0 done; 2 bad usage or config (one clear message, no traceback); 1 a
 failure at run time (message plus the log's path); 130 interrupted (the run resumes
@@ -31,7 +31,9 @@ __all__ = ["main"]
 log = logging.getLogger("bitwidth")
 
 EXAMPLE_FORMATS = ["int2", "int4", "int8", "uint8", "int16", "fixed8_4", "fixed16_8", "fixed16_12",
-                   "e2m1", "e2m3", "e3m2", "e3m4", "e4m3", "e5m2", "fp16", "bf16"]
+                   "e2m1", "e2m3", "e3m2", "e3m4", "e4m3", "e5m2", "fp16", "bf16",
+                   "int4_g128", "int8_g32", "mxfp4", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp8_e4m3", "mxfp8_e5m2",
+                   "mxint8", "nvfp4"]
 
 
 class UsageError(Exception):
@@ -62,6 +64,17 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir")
     fmt = sub.add_parser("formats", help="list format names with bit width, range and smallest step")
     fmt.add_argument("--names", nargs="*", default=None, help="formats to describe (default: common ones)")
+    exp = sub.add_parser("export", help="export a run's plans to ONNX or torchao and measure them in that runtime",
+                         description="export a run's plans (default: the joint and the best uniform plan), run them "
+                                     "on the validation data in onnxruntime or torchao, and add the deployed metric, "
+                                     "file size and CPU latency to the report")
+    exp.add_argument("run_dir")
+    exp.add_argument("--to", default="onnx", help="onnx (onnxruntime on the CPU) or torchao (default: onnx)")
+    exp.add_argument("--plan", dest="plans", action="append", default=None, metavar="joint|uniform|PATH",
+                     help="the plan to export: joint, uniform or a plan YAML file (repeatable; default: joint and "
+                          "uniform)")
+    exp.add_argument("--out", help="the ONNX file to write (one --plan; default: RUN_DIR/deploy/<plan>.onnx)")
+    exp.add_argument("--repeats", type=int, default=20, help="timed batches per latency figure (default: 20)")
     return p
 
 
@@ -69,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_formats(names: Sequence[str] | None) -> int:
-    from .formats import FloatFormat, IntFormat, parse_format
+    from .formats import BLOCK_FORMATS, FloatFormat, IntFormat, block_grid, parse_format
 
     rows = []
     for name in names or EXAMPLE_FORMATS:
@@ -81,6 +94,9 @@ def _cmd_formats(names: Sequence[str] | None) -> int:
             rows.append((name, "32", "float", "3.40282e+38", "1.4013e-45"))
         elif isinstance(fmt, IntFormat):
             rows.append((fmt.name, str(fmt.bits), fmt.kind_name, f"{fmt.qmax} x scale", "1 x scale"))
+        elif isinstance(fmt, BLOCK_FORMATS):  # bits: element width (stored width with block scales)
+            top, step = block_grid(fmt)
+            rows.append((fmt.name, f"{fmt.bits} ({fmt.storage_bits:g})", f"block of {fmt.block}", top, step))
         else:
             kind = "float" if isinstance(fmt, FloatFormat) else "fixed"
             rows.append((fmt.name, str(fmt.bits), kind, f"{fmt.max_value:g}", f"{fmt.step:g}"))
@@ -93,6 +109,15 @@ def _cmd_formats(names: Sequence[str] | None) -> int:
 
 def _cmd_validate(path: str, overrides: list[str]) -> int:
     cfg = load_config(path, overrides)
+    if cfg.mode == "adaptive":  # no search: the controller's sites and settings
+        from .adaptive_run import check_sites
+
+        a = cfg.adaptive
+        check_sites(cfg, make_config_task(cfg))
+        print(f"{path}: ok — adaptive on {cfg.task.model}@{cfg.task.data}, sites {a.sites}, kinds "
+              f"{', '.join(a.kinds)}, measured every {a.every} steps, criterion {cfg.criterion.name}, "
+              f"run dir {cfg.run_dir}")
+        return 0
     try:  # layer patterns need the model; a data set that is not here yet only skips this check
         task = make_config_task(cfg)
     except FileNotFoundError as err:
@@ -176,8 +201,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_answer(result: Any, paths: dict[str, Path]) -> None:
+    from .adaptive_run import AdaptiveResult
     from .result import format_metric
 
+    if isinstance(result, AdaptiveResult):  # mode adaptive: one training run, no per-layer minima
+        print("\n".join(result.answer_lines()))
+        print(f"report: {paths['html']}")
+        return
     table = result.min_bits[["layer", "kind", "min_bits"]].pivot(index="layer", columns="kind", values="min_bits")
     print(table.to_string())
     joint = result.summary.get("joint", {})
@@ -210,11 +240,35 @@ def _cmd_report(run_dir: str) -> int:
         from .report.compare import write_variant_reports
 
         paths = write_variant_reports(path)  # checks every name first: nothing is written outside the run
-    elif (path / rd.SUMMARY).exists() or (path / rd.STATS).exists():
+    elif (path / rd.SUMMARY).exists() or (path / rd.STATS).exists() or (path / rd.SCHEDULE).exists():
         paths = write_report(path)
     else:
-        raise UsageError(f"{run_dir}: not a run directory (no summary.yaml or stats.pt); run `bitwidth run` first")
+        raise UsageError(f"{run_dir}: not a run directory (no summary.yaml, stats.pt or schedule.csv); "
+                         "run `bitwidth run` first")
     print(f"report: {paths['html']}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import TARGETS, deploy_run
+    from .result import format_metric
+
+    if args.to not in TARGETS:
+        raise UsageError(f"unknown export target {args.to!r}; allowed: {', '.join(TARGETS)}")
+    if not Path(args.run_dir).is_dir():
+        raise UsageError(f"{args.run_dir}: no such run directory")
+    plans = args.plans or ["joint", "uniform"]
+    table = deploy_run(args.run_dir, to=args.to, plans=plans, out=args.out, repeats=args.repeats,
+                       progress=lambda line: print(line, file=sys.stderr, flush=True))
+    runtime = "onnxruntime" if args.to == "onnx" else "torchao"
+    for r in table[(table["runtime"] == runtime) & table["plan"].isin([Path(p).stem for p in plans])].itertuples():
+        gap = f"{r.gap * 100:+.2f} pt" if "acc" in r.metric else f"{r.gap:+.4g}"
+        print(f"{r.plan}: {runtime} {r.metric} {format_metric(r.metric, r.deployed, 2)} (simulated "
+              f"{format_metric(r.metric, r.simulated, 2)}, gap {gap}{'' if r.agrees else ', BEYOND the tolerance'}); "
+              f"{r.file_bytes / 1024:.1f} KiB (plan weights {r.plan_weight_bytes / 1024:.1f} KiB); "
+              f"{r.latency_ms:.2f} ms per batch of {r.batch_size} vs fp32 {r.fp32_latency_ms:.2f} ms"
+              + (f"; {r.path}" if isinstance(r.path, str) and r.path else ""))
+    print(f"report: {Path(args.run_dir) / rd.REPORT_HTML}")
     return 0
 
 
@@ -230,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_report(args.run_dir)
         if args.command == "stats":
             return _cmd_stats(args)
+        if args.command == "export":
+            return _cmd_export(args)
         return _cmd_run(args)
     except (ConfigError, UsageError, ValueError) as err:
         # Bad configs, names and layer patterns all surface as ValueError: usage, not a crash.

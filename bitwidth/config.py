@@ -169,7 +169,11 @@ class SearchConfig(_Section):
     family: str = "int"
     options: dict[str, Any] = Field(default_factory=dict)
     candidates: list[Bits] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 8])
-    strategy: Literal["grid", "bisect"] = "bisect"
+    strategy: Literal["grid", "bisect", "predict"] = "bisect"
+    # Post-training, one seed: stop a trial once a confidence bound decides it (off: every trial sees
+    # the whole validation set). early_stop_error: the chance per trial that it decides wrongly.
+    early_stop: bool = False
+    early_stop_error: float = Field(0.01, gt=0, le=0.5)
 
     @field_validator("candidates")
     @classmethod
@@ -230,6 +234,79 @@ class StatsConfig(_Section):
     kinds: list[Literal["weight", "activation", "gradient"]] | None = None  # default: the searched kinds
 
 
+def _open_unit(v: Any) -> Any:
+    """A number strictly between 0 and 1 (a relative error), or None (the kind's default)."""
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1):
+        raise ValueError("must be a number in (0, 1) (a relative error) or null")
+    return v
+
+
+Fraction = Annotated[float | None, BeforeValidator(_open_unit)]
+
+
+class KindPolicyConfig(_Section):
+    """One kind's controller policy (:class:`bitwidth.adaptive.KindPolicy`); a key left out keeps the
+    kind's default (:data:`bitwidth.adaptive.DEFAULT_POLICIES`)."""
+
+    min_bits: _integer(2, 32, optional=True) = None  # type: ignore[valid-type]
+    max_bits: _integer(2, 32, optional=True) = None  # type: ignore[valid-type]
+    raise_above: Fraction = None
+    lower_below: Fraction = None
+    patience: _integer(1, 1000, optional=True) = None  # type: ignore[valid-type]
+
+    def given(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class AdaptiveConfig(_Section):
+    """``mode: adaptive``: the precision controller (:mod:`bitwidth.adaptive`) and the run around it
+    (:mod:`bitwidth.adaptive_run`). ``uniform``: widths also trained with every format pinned, for the
+    comparison; ``static_plan``: a training-mode search's run directory whose joint plan to compare
+    (default: this run directory, when it holds one)."""
+
+    sites: str | list[str] = "*"
+    kinds: list[Literal["weight", "activation", "gradient"]] = Field(default_factory=lambda: list(KIND_NAMES))
+    every: Count = 10
+    rounding: Literal["nearest", "stochastic"] = "nearest"
+    weight: KindPolicyConfig = Field(default_factory=KindPolicyConfig)
+    activation: KindPolicyConfig = Field(default_factory=KindPolicyConfig)
+    gradient: KindPolicyConfig = Field(default_factory=KindPolicyConfig)
+    backoff_bits: _integer(1, 16) = 2  # type: ignore[valid-type]
+    max_backoffs: _integer(0, 100) = 2  # type: ignore[valid-type]
+    checkpoint_every: Count = 50
+    uniform: list[_integer(2, 32)] = Field(default_factory=list)  # type: ignore[valid-type]
+    static_plan: str | None = None
+
+    @field_validator("kinds")
+    @classmethod
+    def _kinds(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"needs at least one of {list(KIND_NAMES)}")
+        return [k for k in KIND_NAMES if k in v]
+
+
+def _policy_errors(adaptive: Any) -> list[str]:
+    """Each kind's bounds and thresholds judged together, with the kind's defaults filling the
+    keys left out (``min_bits <= max_bits``, ``lower_below < raise_above``); a kind whose
+    values the schema rejects is left to the schema's own errors."""
+    from .adaptive import make_policies
+
+    errors = []
+    for kind in KIND_NAMES:
+        raw = adaptive.get(kind) if isinstance(adaptive, dict) else None
+        if not isinstance(raw, dict):
+            continue
+        try:
+            given = KindPolicyConfig(**raw).given()
+        except (ValidationError, TypeError):
+            continue
+        try:
+            make_policies({kind: given})
+        except ValueError as err:
+            errors.append(f"adaptive.{kind}: {str(err).removeprefix(f'{kind}: ')}")
+    return errors
+
+
 class Config(_Section):
     """A whole experiment. ``name`` (default: the config file's name) and each variant's name
     become directory names, so each must be a plain one; ``out`` is a path, relative ones
@@ -237,7 +314,7 @@ class Config(_Section):
 
     name: DirName | None = None
     out: str | None = None  # run directory; default runs/<name>
-    mode: Literal["ptq", "train"] = "ptq"
+    mode: Literal["ptq", "train", "adaptive"] = "ptq"
     seeds: list[Seed] = Field(default_factory=lambda: [0])
     task: TaskConfig = Field(default_factory=TaskConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -245,6 +322,7 @@ class Config(_Section):
     criterion: CriterionConfig = Field(default_factory=CriterionConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
+    adaptive: AdaptiveConfig = Field(default_factory=AdaptiveConfig)
     # Named variants of this config (dotted key -> value), each run into <run dir>/<name>
     # and compared side by side, e.g. nearest vs stochastic rounding.
     variants: dict[DirName, dict[str, Any]] = Field(default_factory=dict)
@@ -329,8 +407,11 @@ def _explain(err: dict[str, Any]) -> str:
     return f"{path}: {msg} (found {_found(err.get('input'))})"
 
 
-# The width a family holds fixed while it searches another one (see bitwidth.families).
-_HELD_WIDTH = {"fixed_frac": "word", "float": "exp", "float_exp": "man"}
+# The options a family takes besides its format's fields: the width it holds fixed while
+# it searches another one, the element encodings of mx, the base format of block and the
+# options of a group-wise int base (see bitwidth.families).
+_HELD_WIDTH = {"fixed_frac": ["word"], "float": ["exp"], "float_exp": ["man"], "mx": ["fp6", "fp8"],
+               "block": ["format", "symmetric", "scale_dtype"]}
 
 
 def _family_options(family: str) -> list[str]:
@@ -347,7 +428,7 @@ def _family_options(family: str) -> list[str]:
     fmt = make_format(family, 8, **({"absmax": 1.0} if needs_absmax(family) else {}))
     own = [f.name for f in fields(fmt)  # type: ignore[arg-type]
            if f.init and (f.default is not MISSING or f.default_factory is not MISSING)]
-    return ([_HELD_WIDTH[family]] if family in _HELD_WIDTH else []) + own
+    return _HELD_WIDTH.get(family, []) + own
 
 
 def _family_errors(family: str, options: dict[Any, Any], candidates: list[Any]) -> list[str]:
@@ -413,6 +494,14 @@ def _semantic_errors(raw: dict[str, Any]) -> list[str]:
     if raw.get("mode", "ptq") == "ptq" and isinstance(kinds, list) and "gradient" in kinds:
         errors.append("search.kinds: 'gradient' exists only in mode 'train' (the backward pass); "
                       "use mode: train, or kinds weight and activation")
+    if search.get("early_stop") is True and raw.get("mode", "ptq") != "ptq":
+        errors.append(f"search.early_stop: only post-training trials (mode 'ptq') stop early; a training run "
+                      f"trains fully (found mode {raw.get('mode')!r}); set search.early_stop: false")
+    seeds = raw.get("seeds")
+    if search.get("early_stop") is True and isinstance(seeds, list) and len(set(seeds)) > 1:
+        errors.append(f"search.early_stop: needs one seed (found {len(set(seeds))}): several seeds are judged on "
+                      "their mean, which no single trial's bound decides; set search.early_stop: false")
+    errors += _policy_errors(raw.get("adaptive"))
     task = raw.get("task") if isinstance(raw.get("task"), dict) else {}
     data, model = task.get("data", "digits"), task.get("model", "digits_cnn")
     if isinstance(data, str) and not (data.lower() in DATA_FORMS or data.startswith("imagefolder:")):
@@ -440,8 +529,8 @@ def check_search_inputs(mode: Any, seeds: Any, **search: Any) -> None:
     >>> check_search_inputs("ptq", [0], kinds=["gradient"], strategy="random")
     Traceback (most recent call last):
     ...
-    ValueError: search.strategy: must be 'grid' or 'bisect' (found 'random'); search.kinds: 'gradient' exists only \
-in mode 'train' (the backward pass); use mode: train, or kinds weight and activation
+    ValueError: search.strategy: must be 'grid', 'bisect' or 'predict' (found 'random'); search.kinds: 'gradient' \
+exists only in mode 'train' (the backward pass); use mode: train, or kinds weight and activation
     """
     def plain(v: Any) -> Any:  # tuples and ranges as the lists a YAML file would give
         return list(v) if isinstance(v, (tuple, range)) else v

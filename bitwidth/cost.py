@@ -11,7 +11,11 @@ at an op site between two activations, ``a @ b`` or attention, both operands tak
 site's activation bits),
 plus, for training, ``train_bops``: the forward BOPs and the two backward products
 (gradient × weight and gradient × activation), ``Σ macs × (w·a + g·w + g·a)``.
-A kind at full precision counts 32 bits.
+A kind at full precision counts 32 bits. A format counts its ``storage_bits``: its element
+width plus the scales a block format stores per value (``mxfp4`` 4.25, ``int4_g128``
+4.125, ``nvfp4`` 4.5), in memory and in BOPs alike (the scale multiplies each block's
+partial sum: charging them per value keeps one number per format). Totals are rounded to
+whole bits.
 
 >>> import torch
 >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3))
@@ -79,6 +83,8 @@ class CostModel:
 
         >>> CostModel({"fc": LayerCost(10, 10)}).of({})
         {'memory_bits': 320, 'bops': 10240, 'train_bops': 30720}
+        >>> CostModel({"fc": LayerCost(64, 64)}).of({"fc": QuantSpec(weight="mxfp4", activation="mxfp8_e4m3")})
+        {'memory_bits': 272, 'bops': 2244, 'train_bops': 27844}
         """
         unknown = set(plan) - set(self.layers)
         if unknown:
@@ -87,13 +93,13 @@ class CostModel:
         memory = bops = train = 0
         for name, size in self.layers.items():
             spec = as_spec(plan[name]) if name in plan else QuantSpec()
-            w, a, g = (getattr(spec, k).bits if getattr(spec, k) is not None else FULL_BITS
+            w, a, g = (getattr(spec, k).storage_bits if getattr(spec, k) is not None else FULL_BITS
                        for k in ("weight", "activation", "gradient"))
             w = a if size.weightless else w
             memory += size.params * w
             bops += size.macs * w * a
             train += size.macs * (w * a + g * w + g * a)
-        return {"memory_bits": memory, "bops": bops, "train_bops": train}
+        return {"memory_bits": round(memory), "bops": round(bops), "train_bops": round(train)}
 
     def relative(self, plan: Mapping[str, Any], measures: tuple[str, ...] = ("memory_bits", "bops")) -> float:
         """Sum over ``measures`` of the plan's cost as a fraction of full precision.

@@ -9,23 +9,41 @@ A search walks one integer per (layer, kind); the family says what that integer 
 | ``fixed_frac`` | fraction bits  | word length ``word`` (default 16)                  |
 | ``float``    | mantissa bits    | exponent width ``exp`` (default 4)                 |
 | ``float_exp`` | exponent bits   | mantissa width ``man`` (default 3)                 |
+| ``group_int`` | integer bits    | ``block`` (default 128), ``symmetric``, ``scale_dtype`` |
+| ``mx``       | element bits: 4, 6 or 8 | ``fp6`` (e2m3 or e3m2), ``fp8`` (e4m3, e5m2 or int8), ``block`` |
+| ``block``    | scales per 256 values: block = 256 // n | ``format`` (default ``mxfp4``) and its options |
 
-Costs always use the format's total width (``fmt.bits``), whatever the family searches.
+``mx`` walks mxfp4 → mxfp6 → mxfp8 (candidates ``[4, 6, 8]``). ``block`` searches the
+block size of a block format at fixed element bits; its integer grows with precision, as
+every family's must for the search to find a minimum: 1 → block 256, 2 → 128, 4 → 64,
+8 → 32, 16 → 16, 32 → 8 (candidates powers of two in 1..32). Given ``symmetric`` or
+``scale_dtype`` and no ``format``, its base is ``int4_g128``.
+
+Costs use the format's storage width (``fmt.storage_bits``: element bits plus block
+scales), whatever the family searches.
 
 >>> make_format("int", 4).name, make_format("fixed", 8, absmax=3.0).name, make_format("float", 2, exp=5).name
 ('int4', 'fixed8_5', 'e5m2')
+>>> make_format("group_int", 3).name, make_format("mx", 6, fp6="e3m2").name
+('int3_g128', 'mxfp6_e3m2')
+>>> make_format("block", 16, format="int4_g128").name, make_format("block", 1).name
+('int4_g16', 'mxfp4_b256')
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
-from .formats import FixedFormat, FloatFormat, Format, IntFormat
+from .formats import BLOCK_FORMATS, FixedFormat, FloatFormat, Format, GroupIntFormat, IntFormat, MXFormat, parse_format
 
-__all__ = ["FAMILIES", "fixed_frac_for", "make_format", "needs_absmax"]
+__all__ = ["BLOCK_FAMILIES", "FAMILIES", "fixed_frac_for", "make_format", "needs_absmax"]
 
-FAMILIES = ("int", "fixed", "fixed_frac", "float", "float_exp")
+FAMILIES = ("int", "fixed", "fixed_frac", "float", "float_exp", "group_int", "mx", "block")
+BLOCK_FAMILIES = ("group_int", "mx", "block")  # families of block-scaled formats
+_MX_ELEMENTS = {4: ("e2m1",), 6: ("e2m3", "e3m2"), 8: ("e4m3", "e5m2", "int8")}  # the first is the default
+_BLOCK_SPAN = 256  # the block family's integer counts scales per this many values
 
 
 def fixed_frac_for(bits: int, absmax: float) -> int:
@@ -91,6 +109,39 @@ def make_format(family: str, bits: int, **options: Any) -> Format:
             return FixedFormat(int(opts.pop("word", 16)), bits, **opts)
         if family == "float":
             return FloatFormat(int(opts.pop("exp", 4)), bits, **opts)
-        return FloatFormat(bits, int(opts.pop("man", 3)), **opts)
+        if family == "float_exp":
+            return FloatFormat(bits, int(opts.pop("man", 3)), **opts)
+        if family == "group_int":
+            return GroupIntFormat(bits, **opts)
+        if family == "mx":
+            return _mx_format(bits, opts)
+        return _block_format(bits, opts)
     except TypeError as err:  # an option the family's format does not have
         raise ValueError(f"bad option for family {family!r}: {err}") from None
+
+
+def _mx_format(bits: int, opts: dict[str, Any]) -> MXFormat:
+    if bits not in _MX_ELEMENTS:
+        raise ValueError(f"family 'mx' searches element widths {tuple(_MX_ELEMENTS)} (mxfp4, mxfp6, mxfp8), got {bits}")
+    if "element" in opts:
+        raise ValueError("family 'mx' picks the element from the searched width: set fp6 or fp8 instead of element")
+    fp6, fp8 = opts.pop("fp6", "e2m3"), opts.pop("fp8", "e4m3")
+    for key, value in (("fp6", fp6), ("fp8", fp8)):
+        allowed = _MX_ELEMENTS[int(key[2])]
+        if value not in allowed:
+            raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+    return MXFormat({4: "e2m1", 6: fp6, 8: fp8}[bits], **opts)
+
+
+def _block_format(n: int, opts: dict[str, Any]) -> Format:
+    if n < 1 or n > 32 or n & (n - 1):
+        raise ValueError(f"family 'block' searches scales per {_BLOCK_SPAN} values, a power of two in 1..32 "
+                         f"(block {_BLOCK_SPAN}..{_BLOCK_SPAN // 32}), got {n}")
+    if "block" in opts:
+        raise ValueError("family 'block' searches the block size: drop the block option")
+    # group-wise int options without a format mean a group-wise int base
+    base = opts.pop("format", "int4_g128" if {"symmetric", "scale_dtype"} & set(opts) else "mxfp4")
+    fmt = parse_format(base, **opts)
+    if not isinstance(fmt, BLOCK_FORMATS):
+        raise ValueError(f"family 'block' needs a block format (int4_g128, mxfp4, nvfp4, …), got format={base!r}")
+    return dataclasses.replace(fmt, block=_BLOCK_SPAN // n)  # the searched block replaces the name's

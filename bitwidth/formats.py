@@ -1,10 +1,16 @@
 """Number formats as small frozen dataclasses, and ``parse_format`` for their names.
 
 A format knows its bit width and how to quantize a tensor; the maths lives in
-:mod:`bitwidth.functional`. Bit width is data: a sweep is a loop over ``bits``.
+:mod:`bitwidth.functional` and, for block-scaled formats, :mod:`bitwidth.blocks`. Bit
+width is data: a sweep is a loop over ``bits``.
+
+``bits`` is the searched element width (an int); ``storage_bits`` is what a value costs
+in memory, block scales included (``mxfp4``: 4 + 8/32 = 4.25).
 
 >>> parse_format("int4").bits, parse_format("fixed16_8").frac, parse_format("e4m3").max_value
 (4, 8, 448.0)
+>>> parse_format("mxfp4").storage_bits, parse_format("int4_g128").name, parse_format("nvfp4").storage_bits
+(4.25, 'int4_g128', 4.5)
 """
 
 from __future__ import annotations
@@ -17,16 +23,24 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import blocks as B
 from . import functional as F
 
 __all__ = [
+    "BLOCK_FORMATS",
     "FORMAT_FORMS",
+    "FORMAT_TYPES",
     "GRANULARITIES",
+    "MX_NAMES",
     "SCALE_METHODS",
     "FixedFormat",
     "FloatFormat",
     "Format",
+    "GroupIntFormat",
     "IntFormat",
+    "MXFormat",
+    "NVFP4Format",
+    "block_grid",
     "format_from_dict",
     "format_to_dict",
     "parse_format",
@@ -43,6 +57,10 @@ FORMAT_FORMS = (
     "fp16",
     "bf16",
     "fp32 / none",
+    "int<2..16>_g<block> (group-wise)",
+    "mxfp8_e4m3 mxfp8_e5m2 mxfp6_e2m3 mxfp6_e3m2 mxfp4 mxint8 (OCP MX)",
+    "nvfp4",
+    "<mx or nvfp4 name>_b<block>",
 )
 
 
@@ -86,6 +104,11 @@ class IntFormat:
     @property
     def kind_name(self) -> str:
         return "int" if self.signed else "uint"
+
+    @property
+    def storage_bits(self) -> float:
+        """Bits per stored value: ``bits`` (one scale per tensor or channel is not counted)."""
+        return self.bits
 
     @property
     def name(self) -> str:
@@ -220,6 +243,10 @@ class FixedFormat:
         return f"fixed{self.bits}_{self.frac}"
 
     @property
+    def storage_bits(self) -> float:
+        return self.bits
+
+    @property
     def max_value(self) -> float:
         return (2.0 ** (self.bits - 1) - 1) * 2.0**-self.frac
 
@@ -267,6 +294,10 @@ class FloatFormat:
         return 1 + self.exp + self.man
 
     @property
+    def storage_bits(self) -> float:
+        return self.bits
+
+    @property
     def name(self) -> str:
         for alias, (e, m) in _FLOAT_ALIASES.items():
             if (e, m) == (self.exp, self.man) and self.max_value == _alias_max(alias):
@@ -289,7 +320,170 @@ class FloatFormat:
         )
 
 
-Format = IntFormat | FixedFormat | FloatFormat
+_SCALE_BITS = {"fp16": 16, "bf16": 16, "fp32": 32}
+
+
+def _check_block(block: object) -> None:
+    if isinstance(block, bool) or block not in B.BLOCK_SIZES:
+        raise ValueError(f"block must be one of {B.BLOCK_SIZES} (16, 32, 64 and 128 are the usual), got {block!r}")
+
+
+@dataclass(frozen=True)
+class GroupIntFormat:
+    """Group-wise integer: ``bits``-bit codes with one scale per group of ``block`` values.
+
+    Groups run along the last dimension (a weight's input dimension; see
+    :mod:`bitwidth.blocks` for conv weights). ``symmetric`` (default): scale
+    ``absmax / qmax``; else a zero point per group too. The scale is stored in
+    ``scale_dtype`` ("fp16", "bf16", "fp32") and counts in ``storage_bits``.
+
+    >>> f = GroupIntFormat(4, block=128)
+    >>> f.name, f.storage_bits, GroupIntFormat(4, block=128, symmetric=False).storage_bits
+    ('int4_g128', 4.125, 4.15625)
+    """
+
+    bits: int
+    block: int = 128
+    symmetric: bool = True
+    scale_dtype: str = "fp16"
+    rounding: str = "nearest"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
+            raise ValueError(f"group-wise integer bits must be an integer in 2..16, got {self.bits!r}")
+        _check_block(self.block)
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"symmetric must be true or false, got {self.symmetric!r}")
+        _choice("scale_dtype", self.scale_dtype, tuple(B.SCALE_DTYPES))
+        _choice("rounding", self.rounding, F.ROUNDINGS)
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}_g{self.block}"
+
+    @property
+    def storage_bits(self) -> float:
+        """Element bits plus the group's scale (and zero point, asymmetric) shared by ``block`` values."""
+        return self.bits + (_SCALE_BITS[self.scale_dtype] + (0 if self.symmetric else self.bits)) / self.block
+
+    def quantize(self, x: Tensor, *, axis: int | None = None, generator: torch.Generator | None = None,
+                 **_: object) -> Tensor:
+        return B.quantize_group_int(x, self.bits, self.block, symmetric=self.symmetric, scale_dtype=self.scale_dtype,
+                                    axis=axis, rounding=self.rounding, generator=generator)
+
+    def block_scales(self, x: Tensor, *, axis: int | None = None) -> Tensor:
+        """The scale of each group of ``x`` (what the report's scale-spread plot shows)."""
+        return B.block_scales(x, "group_int", self.block, axis=axis, bits=self.bits, symmetric=self.symmetric,
+                              scale_dtype=self.scale_dtype)
+
+
+MX_NAMES = {"mxfp8_e4m3": "e4m3", "mxfp8_e5m2": "e5m2", "mxfp6_e2m3": "e2m3", "mxfp6_e3m2": "e3m2",
+            "mxfp4": "e2m1", "mxint8": "int8"}
+_MX_SHORT = {"mxfp8": "e4m3", "mxfp6": "e2m3"}  # shorthands for the first encoding of each width
+
+
+@dataclass(frozen=True)
+class MXFormat:
+    """OCP Microscaling: ``element`` values sharing a power-of-two E8M0 scale per ``block``.
+
+    ``element``: "e4m3", "e5m2" (MXFP8), "e2m3", "e3m2" (MXFP6), "e2m1" (MXFP4), "int8"
+    (MXINT8). ``scale_mode``: "floor" (the OCP spec), "ceil", "even" (torchao's options).
+
+    >>> MXFormat("e2m1").name, MXFormat("e4m3", block=64).name, MXFormat("e2m3").bits
+    ('mxfp4', 'mxfp8_e4m3_b64', 6)
+    """
+
+    element: str = "e2m1"
+    block: int = 32
+    scale_mode: str = "floor"
+    rounding: str = "nearest"
+
+    def __post_init__(self) -> None:
+        _choice("element", self.element, tuple(B.MX_ELEMENTS))
+        _check_block(self.block)
+        _choice("scale_mode", self.scale_mode, B.SCALE_MODES)
+        _choice("rounding", self.rounding, F.ROUNDINGS)
+
+    @property
+    def bits(self) -> int:
+        exp, man, _ = B.MX_ELEMENTS[self.element]
+        return 8 if self.element == "int8" else 1 + exp + man
+
+    @property
+    def name(self) -> str:
+        base = next(n for n, e in MX_NAMES.items() if e == self.element)
+        return base if self.block == 32 else f"{base}_b{self.block}"
+
+    @property
+    def storage_bits(self) -> float:
+        """Element bits plus the 8-bit E8M0 scale shared by ``block`` values."""
+        return self.bits + 8 / self.block
+
+    def quantize(self, x: Tensor, *, axis: int | None = None, generator: torch.Generator | None = None,
+                 **_: object) -> Tensor:
+        return B.quantize_mx(x, self.element, self.block, scale_mode=self.scale_mode, axis=axis,
+                             rounding=self.rounding, generator=generator)
+
+    def block_scales(self, x: Tensor, *, axis: int | None = None) -> Tensor:
+        """The power-of-two scale of each block of ``x``."""
+        return B.block_scales(x, "mx", self.block, axis=axis, element=self.element, scale_mode=self.scale_mode)
+
+
+@dataclass(frozen=True)
+class NVFP4Format:
+    """NVFP4: e2m1 values, an e4m3 scale per ``block`` (16) values and one fp32 scale per tensor.
+
+    >>> NVFP4Format().name, NVFP4Format().bits, NVFP4Format(block=32).storage_bits
+    ('nvfp4', 4, 4.25)
+    """
+
+    block: int = 16
+    rounding: str = "nearest"
+
+    def __post_init__(self) -> None:
+        _check_block(self.block)
+        _choice("rounding", self.rounding, F.ROUNDINGS)
+
+    @property
+    def bits(self) -> int:
+        return 4
+
+    @property
+    def name(self) -> str:
+        return "nvfp4" if self.block == 16 else f"nvfp4_b{self.block}"
+
+    @property
+    def storage_bits(self) -> float:
+        """Element bits plus the 8-bit e4m3 block scale (the tensor's one fp32 scale is not counted)."""
+        return 4 + 8 / self.block
+
+    def quantize(self, x: Tensor, *, axis: int | None = None, generator: torch.Generator | None = None,
+                 **_: object) -> Tensor:
+        return B.quantize_nvfp4(x, self.block, axis=axis, rounding=self.rounding, generator=generator)
+
+    def block_scales(self, x: Tensor, *, axis: int | None = None) -> Tensor:
+        """The effective scale (tensor scale x e4m3 block scale) of each block of ``x``."""
+        return B.block_scales(x, "nvfp4", self.block, axis=axis)
+
+
+Format = IntFormat | FixedFormat | FloatFormat | GroupIntFormat | MXFormat | NVFP4Format
+BLOCK_FORMATS = (GroupIntFormat, MXFormat, NVFP4Format)
+FORMAT_TYPES = (IntFormat, FixedFormat, FloatFormat, *BLOCK_FORMATS)
+
+
+def block_grid(fmt: GroupIntFormat | MXFormat | NVFP4Format) -> tuple[str, str]:
+    """The largest magnitude and smallest step of a block format, relative to its block scale.
+
+    >>> block_grid(parse_format("mxfp4")), block_grid(parse_format("int4_g128"))
+    (('6 x 2^k', '0.5 x 2^k'), ('7 x scale', '1 x scale'))
+    """
+    if isinstance(fmt, GroupIntFormat):
+        return f"{2 ** (fmt.bits - 1) - 1} x scale", "1 x scale"
+    if isinstance(fmt, NVFP4Format):
+        return "6 x scale", "0.5 x scale"
+    exp, man, top = B.MX_ELEMENTS[fmt.element]
+    step = 2.0**-6 if fmt.element == "int8" else 2.0 ** (2 - 2 ** (exp - 1) - man)
+    return f"{top:g} x 2^k", f"{step:g} x 2^k"
 
 _OCP_MAX = {"e4m3": 448.0, "e5m2": 57344.0, "e2m3": 7.5, "e3m2": 28.0, "e2m1": 6.0}
 _FLOAT_ALIASES = {"fp16": (5, 10), "bf16": (8, 7), **{k: (int(k[1]), int(k[3])) for k in _OCP_MAX}}
@@ -300,7 +494,25 @@ def _alias_max(alias: str) -> float:
     return _OCP_MAX.get(alias, F.float_max_value(e, m))
 
 
+def _with_block(m: re.Match, kw: dict) -> dict:
+    if m["block"] is None:
+        return kw
+    if "block" in kw:
+        raise ValueError(f"the block size is given twice: {m[0]!r} and block={kw['block']!r}")
+    return {**kw, "block": int(m["block"])}
+
+
+def _mx(m: re.Match, kw: dict) -> MXFormat:
+    if "element" in kw:
+        raise ValueError(f"{m['name']!r} names its element format; drop element={kw['element']!r}")
+    return MXFormat(MX_NAMES.get(m["name"]) or _MX_SHORT[m["name"]], **_with_block(m, kw))
+
+
+_MX_RE = "|".join(sorted([*MX_NAMES, *_MX_SHORT], key=len, reverse=True))
 _PATTERNS = [
+    (re.compile(r"int(\d+)_g(?P<block>\d+)"), lambda m, kw: GroupIntFormat(int(m[1]), **_with_block(m, kw))),
+    (re.compile(rf"(?P<name>{_MX_RE})(?:_b(?P<block>\d+))?"), _mx),
+    (re.compile(r"nvfp4(?:_b(?P<block>\d+))?"), lambda m, kw: NVFP4Format(**_with_block(m, kw))),
     (re.compile(r"(u?)int(\d+)"), lambda m, kw: IntFormat(int(m[2]), signed=not m[1], **kw)),
     (re.compile(r"fixed(\d+)_(-?\d+)"), lambda m, kw: FixedFormat(int(m[1]), int(m[2]), **kw)),
     (re.compile(r"e(\d+)m(\d+)"), lambda m, kw: FloatFormat(int(m[1]), int(m[2]), **kw)),
@@ -316,8 +528,10 @@ def parse_format(name: str | Format | None, **options: object) -> Format | None:
     'pow2'
     >>> parse_format("e2m1").max_value
     6.0
+    >>> parse_format("mxfp8_e5m2", block=64).name, parse_format("int4_g32", symmetric=False).symmetric
+    ('mxfp8_e5m2_b64', False)
     """
-    if name is None or isinstance(name, (IntFormat, FixedFormat, FloatFormat)):
+    if name is None or isinstance(name, FORMAT_TYPES):
         return dataclasses.replace(name, **options) if name is not None and options else name
     if not isinstance(name, str):
         raise ValueError(f"a format is a name like 'int8' or a format object, got {name!r}")
@@ -338,13 +552,22 @@ def parse_format(name: str | Format | None, **options: object) -> Format | None:
 
 
 def format_from_dict(d: dict | str | None) -> Format | None:
-    """Inverse of :func:`format_to_dict`; also accepts a plain name."""
+    """Inverse of :func:`format_to_dict`; also accepts a plain name.
+
+    >>> format_from_dict(format_to_dict(parse_format("mxfp6_e3m2", scale_mode="ceil"))).scale_mode
+    'ceil'
+    """
     if d is None or isinstance(d, str):
         return parse_format(d)
     d = dict(d)
-    kind = d.pop("type")
-    cls = {"int": IntFormat, "fixed": FixedFormat, "float": FloatFormat}[kind]
-    return cls(**d)
+    kind = d.pop("type", None)
+    if kind not in _TYPE_NAMES.values():
+        raise ValueError(f"a format dict's type must be one of {tuple(_TYPE_NAMES.values())}, got {kind!r}")
+    cls = next(c for c, k in _TYPE_NAMES.items() if k == kind)
+    try:
+        return cls(**d)
+    except TypeError as err:  # an unknown field
+        raise ValueError(f"bad field for a {kind!r} format: {err}") from None
 
 
 def format_to_dict(fmt: Format | None) -> dict | None:
@@ -355,6 +578,9 @@ def format_to_dict(fmt: Format | None) -> dict | None:
     """
     if fmt is None:
         return None
-    kind = {IntFormat: "int", FixedFormat: "fixed", FloatFormat: "float"}[type(fmt)]
-    return {"type": kind, **dataclasses.asdict(fmt)}
+    return {"type": _TYPE_NAMES[type(fmt)], **dataclasses.asdict(fmt)}
+
+
+_TYPE_NAMES = {IntFormat: "int", FixedFormat: "fixed", FloatFormat: "float", GroupIntFormat: "group_int",
+               MXFormat: "mx", NVFP4Format: "nvfp4"}
 

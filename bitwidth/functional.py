@@ -42,10 +42,12 @@ ROUNDINGS = ("nearest", "stochastic")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _F32_MAX = torch.finfo(torch.float32).max
 
-# Tensors at least this large (16 MB of float32) go through kernels fused by torch.compile:
-# one pass over memory instead of five. Smaller ones stay eager: there the saving is
-# milliseconds, while compiling costs seconds once per process (tens of seconds on a cold
-# cache), which a short search never earns back. BITWIDTH_COMPILE=0 turns fusion off.
+# On the CPU every quantizer runs as one compiled pass over memory at any size (numba
+# kernels in bitwidth.kernels, compiled once per machine and cached on disk). On other
+# devices, tensors at least this large (16 MB of float32) go through kernels fused by
+# torch.compile; smaller ones stay eager, where compiling (seconds per process, tens of
+# seconds cold) would cost more than it saves. BITWIDTH_COMPILE=0 turns both off: the
+# eager tensor ops below run everywhere, with the same results bit for bit.
 FUSE_MIN_NUMEL = 1 << 22
 _fuse = {"enabled": os.environ.get("BITWIDTH_COMPILE", "1") != "0", "cache": {}}
 
@@ -188,22 +190,93 @@ class _STE(torch.autograd.Function):
 
 def _run(fwd, grad, x: Tensor, params: tuple[Tensor, ...], rounding: str, generator, flat_shape) -> Tensor:
     """Reshape ``x`` to the kernel's layout, run forward (and STE backward), reshape back."""
-    xs = x.reshape(flat_shape)
-    fused = x.numel() >= FUSE_MIN_NUMEL
     noise = None
-    if rounding == "stochastic":  # a fused kernel draws its noise from one seed (see _hash_uniform)
-        noise = (torch.randint(2**62, (), generator=generator, device=x.device) if fused
-                 else torch.rand(xs.shape, generator=generator, device=x.device, dtype=_wd(x)))
-    fwd_k, grad_k = (_kernel(fwd), _kernel(grad)) if fused else (fwd, grad)
-    if x.requires_grad and torch.is_grad_enabled():
-        out = _STE.apply(xs, fwd_k, grad_k, noise, *params)
-    else:
-        out = fwd_k(xs, *params, noise)
+    if rounding == "stochastic":  # every kernel hashes its noise from one seed (see _hash_uniform)
+        noise = torch.randint(2**62, (), generator=generator, device=x.device)
+    grad_on = x.requires_grad and torch.is_grad_enabled()
+    cpu = _cpu_kernels(x)
+    if cpu is not None:
+        fwd_c, grad_c = cpu[fwd]
+        arrays = tuple(p.numpy().reshape(-1) for p in params)  # once, for forward and backward
+        seed = -1 if noise is None else int(noise)
+        if grad_on:
+            return _CpuSTE.apply(x, fwd_c, grad_c, arrays, seed, flat_shape)
+        return _cpu_forward(fwd_c, x.reshape(flat_shape), arrays, seed).reshape(x.shape)
+    if _fuse["enabled"] and x.numel() >= FUSE_MIN_NUMEL:
+        fwd, grad = _kernel(fwd), _kernel(grad)
+    xs = x.reshape(flat_shape)
+    out = _STE.apply(xs, fwd, grad, noise, *params) if grad_on else fwd(xs, *params, noise)
     return out.reshape(x.shape)
 
 
+def _cpu_kernels(x: Tensor) -> dict | None:
+    """Tensor-op kernel -> its compiled CPU kernels (forward, backward), where they apply to ``x``."""
+    # A tensor subclass (FakeTensor while torch.compile traces) needs the tensor ops.
+    if not _fuse["enabled"] or x.device.type != "cpu" or type(x) is not Tensor or torch.compiler.is_compiling():
+        return None
+    cpu = _fuse.get("cpu")
+    if cpu is None:
+        try:
+            from bitwidth import kernels
+
+            kernels.warm()
+            cpu = {_int_kernel: (kernels.int_forward, kernels.int_backward),
+                   _float_kernel: (kernels.float_forward, kernels.float_backward)}
+        except Exception as err:  # numba cannot compile here: the tensor ops give the same results
+            warnings.warn(f"bitwidth: compiled CPU kernels unavailable ({type(err).__name__}: {err}); "
+                          "using eager ops", stacklevel=4)
+            cpu = {}
+        _fuse["cpu"] = cpu
+    return cpu or None
+
+
+def _cpu_forward(kernel, x: Tensor, arrays: tuple, seed: int) -> Tensor:
+    """Run a compiled CPU forward kernel (``seed`` -1: nearest) on ``x``, in its working precision."""
+    xw = x.detach().to(_wd(x)).contiguous()  # half precision computes in float32, as the tensor ops do
+    out = torch.empty_like(xw)
+    kernel(xw.numpy(), out.numpy(), *arrays, seed)
+    return out.to(x.dtype)
+
+
+# Gradient kernels copy bits (or zero): they see a gradient as integers of its width, so every
+# value passes exactly, half precision included, without a conversion.
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16,
+         torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+class _CpuSTE(torch.autograd.Function):
+    """:class:`_STE` on compiled CPU kernels. The parameters travel as NumPy arrays, and the
+    kernel's layout stays inside: two reshapes on the graph would cost more than the kernels
+    on 4,096 values."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, fwd, grad_fn, arrays: tuple, seed: int, flat_shape) -> Tensor:  # type: ignore[override]
+        ctx.grad_fn, ctx.arrays, ctx.flat_shape = grad_fn, arrays, flat_shape
+        ctx.save_for_backward(x)
+        return _cpu_forward(fwd, x.reshape(flat_shape), arrays, seed).reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        bits = g.contiguous().view(_BITS[g.dtype]).reshape(ctx.flat_shape)
+        out = torch.empty_like(bits)
+        xw = x.to(_wd(x)).reshape(ctx.flat_shape).contiguous()
+        ctx.grad_fn(bits.numpy(), xw.numpy(), out.numpy(), *ctx.arrays)
+        return out.view(g.dtype).reshape(x.shape), None, None, None, None, None
+
+
 def _as_param(v: Tensor | float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return v.to(device=device, dtype=dtype) if isinstance(v, Tensor) else torch.tensor(v, dtype=dtype, device=device)
+    if isinstance(v, Tensor):
+        return v.to(device=device, dtype=dtype)
+    # The sign tells 0.0 from -0.0, which are one key to a dict.
+    return _number_param(v, math.copysign(1.0, v), dtype, device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _number_param(v: float, sign: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A number as a 0-dim tensor, made once: building one costs more than quantizing 4,096 values
+    (and a copy to an accelerator). The kernels never write their parameters."""
+    return torch.tensor(v, dtype=dtype, device=device)
 
 
 # The positive finite range of a scale in each working precision (smallest subnormal to max).
@@ -231,7 +304,7 @@ def _check_qparams(scale: Tensor | float, zero_point: Tensor | int, s: Tensor, z
 def _channel_layout(x: Tensor, s: Tensor, zp: Tensor, axis: int | None) -> tuple[tuple[int, ...], Tensor, Tensor]:
     """The kernel's view of ``x`` and the matching shapes of scale and zero point."""
     if axis is None and s.dim() == 0 and zp.dim() == 0:  # the common case, kept to attribute checks
-        return (-1,), s, zp
+        return (1, 1, -1), s, zp
     per_channel = s.numel() != 1 or zp.numel() != 1  # zero channels (empty x) are per channel too
     if axis is not None:
         # A 0-dim tensor accepts axis 0 or -1 (as torch's reductions do); it is one channel.
@@ -241,7 +314,7 @@ def _channel_layout(x: Tensor, s: Tensor, zp: Tensor, axis: int | None) -> tuple
     if not per_channel or x.dim() == 0:
         if per_channel:
             raise ValueError(f"a 0-dim tensor has one channel, got {s.numel()} scales and {zp.numel()} zero points")
-        return (-1,), s.reshape(()), zp.reshape(())
+        return (1, 1, -1), s.reshape(()), zp.reshape(())
     if axis is None:
         raise ValueError(f"{s.numel()} scales and {zp.numel()} zero points need an axis (per-channel), got axis=None")
     axis %= x.dim()
@@ -250,7 +323,7 @@ def _channel_layout(x: Tensor, s: Tensor, zp: Tensor, axis: int | None) -> tuple
         raise ValueError(f"axis {axis} has {c} channels, got {s.numel()} scales and {zp.numel()} zero points")
     # (outer, channel, inner), all sizes explicit so that empty tensors reshape too
     flat = (math.prod(x.shape[:axis]), c, math.prod(x.shape[axis + 1:]))
-    return flat, s.reshape(1, -1, 1), zp.reshape(1, -1, 1)
+    return flat, s.reshape(1, -1, 1).expand(1, c, 1), zp.reshape(1, -1, 1).expand(1, c, 1)  # one of each per channel
 
 
 def _quantize_int(

@@ -149,6 +149,14 @@ def _run_one(cfg: Config, fresh: bool, progress: Callable[[Any], None] | None,
         start = time.perf_counter()
         log.info("bitwidth %s: run %s (%s) into %s", __version__, source, cfg.run_name, run_dir)
         task = make_config_task(cfg)
+        if cfg.mode == "adaptive":  # one training run under the precision controller, not a search
+            from .adaptive_run import run_adaptive
+
+            adaptive = run_adaptive(cfg, task, run_dir, fresh=fresh, progress=progress)
+            _meta(cfg, run_dir, time.perf_counter() - start, None)
+            paths = write_report(run_dir)
+            log.info("done in %.1f s", time.perf_counter() - start)
+            return adaptive, paths
         from .runner import select_layers  # the site patterns, checked before anything trains
 
         select_layers(task.build_model(cfg.seeds[0]), cfg.search.layers, task.example_input())
@@ -165,6 +173,7 @@ def _run_one(cfg: Config, fresh: bool, progress: Callable[[Any], None] | None,
                 family=cfg.search.family, family_options=cfg.search.options, candidates=cfg.search.candidates,
                 criterion=cfg.criterion.build(), strategy=cfg.search.strategy, trial_options=trial_options(cfg),
                 seeds=cfg.seeds, run_dir=run_dir, executor=executor, progress=progress,
+                early_stop=cfg.search.early_stop, early_stop_error=cfg.search.early_stop_error,
             )
         _meta(cfg, run_dir, time.perf_counter() - start, result)
         paths = write_report(run_dir)

@@ -14,6 +14,9 @@
       run.log                                                 LOG
       variants.yaml  comparison.csv   (a run of variants: one run directory per variant inside)
       stats/           what `bitwidth stats` writes           STATS_DIR
+      deploy.csv  deploy_sites.csv  deploy/*.onnx   what `bitwidth export` measures   DEPLOY, DEPLOY_SITES, DEPLOY_DIR
+      schedule.csv  changes.csv  adaptive.yaml   (mode adaptive) SCHEDULE, CHANGES, ADAPTIVE
+      checkpoints/<run>.pt   adaptive runs' checkpoints       CHECKPOINTS
 
 >>> from pathlib import Path
 >>> Path("runs/x") / TRIALS
@@ -23,9 +26,10 @@ PosixPath('runs/x/trials.jsonl')
 from .store import LOCK_FILE as LOCK  # the store takes the lock, and imports nothing of ours
 
 __all__ = [
-    "BASELINE", "COMPARISON", "CONFIG", "COSTS", "JOINT_PLAN", "LOCK", "LOG", "META", "MIN_BITS", "PLOTS",
-    "REPORT_HTML", "REPORT_MD", "RESULT_FILES", "STATS", "STATS_CSV", "STATS_DIR", "SUMMARY", "TRIALS",
-    "TRIALS_CSV", "VARIANTS",
+    "ADAPTIVE", "BASELINE", "CHANGES", "CHECKPOINTS", "COMPARISON", "CONFIG", "COSTS", "JOINT_PLAN", "LOCK", "LOG",
+    "META", "MIN_BITS", "PLOTS", "REPORT_HTML", "REPORT_MD", "RESULT_FILES", "SCHEDULE", "STATS", "STATS_CSV",
+    "STATS_DIR", "SUMMARY", "TRIALS", "TRIALS_CSV", "VARIANTS",
+    "DEPLOY", "DEPLOY_DIR", "DEPLOY_SITES",
 ]
 
 CONFIG = "config.yaml"
@@ -47,3 +51,10 @@ LOG = "run.log"
 VARIANTS = "variants.yaml"
 COMPARISON = "comparison.csv"
 STATS_DIR = "stats"
+DEPLOY = "deploy.csv"
+DEPLOY_SITES = "deploy_sites.csv"
+DEPLOY_DIR = "deploy"
+SCHEDULE = "schedule.csv"
+CHANGES = "changes.csv"
+ADAPTIVE = "adaptive.yaml"
+CHECKPOINTS = "checkpoints"

@@ -35,10 +35,24 @@ from . import trial as _trial
 from .config import check_search_inputs
 from .cost import COST_MEASURES, CostModel
 from .coverage import coverage, weigh
+from .early_stop import METRICS as EARLY_METRICS
+from .early_stop import EarlyStop
 from .executors import Executor, make_executor
 from .families import make_format, needs_absmax
 from .formats import Format
-from .search import Pair, SearchResult, SearchSpace, Verdict, bisect, grid, joint, together, uniform
+from .search import (
+    Pair,
+    SearchResult,
+    SearchSpace,
+    Verdict,
+    bisect,
+    grid,
+    joint,
+    ordered_joint,
+    predict,
+    together,
+    uniform,
+)
 from .stats import record
 from .store import TrialStore, trial_key
 from .wrap import QuantSpec, plan_from_dict, plan_to_dict, resolve_plan
@@ -49,6 +63,8 @@ __all__ = ["select_layers", "select_pairs", "STORE_FILE", "ProgressEvent", "Tria
 STORE_FILE = rd.TRIALS
 # Above this many (site, kind) pairs the post-training joint step is lazy (see _search).
 EXHAUSTIVE_JOINT_PAIRS = 16
+# The chance that an early-stopped trial's verdict differs from its full evaluation's (per trial).
+DEFAULT_EARLY_STOP_ERROR = 0.01
 
 
 @dataclass(frozen=True)
@@ -64,15 +80,19 @@ class ProgressEvent:
 
 @dataclass
 class TrialContext:
-    """What every trial of a search shares: shipped to each worker once, not once per trial."""
+    """What every trial of a search shares: shipped to each worker once, not once per trial.
+
+    ``cache`` travels empty: each worker fills its own (a wrapped model per seed, the data).
+    """
 
     task: Any
     options: _trial.TrialOptions
     baselines: dict[int, _trial.Baseline]
+    cache: _trial.TrialCache = dataclasses.field(default_factory=_trial.TrialCache)
 
 
-def run_trial_item(context: TrialContext, item: tuple[str, dict, int]) -> tuple[str, dict[str, Any]]:
-    """Run one ``(key, plan dict, seed)`` item; returns ``(key, outcome dict)``.
+def run_trial_item(context: TrialContext, item: tuple) -> tuple[str, dict[str, Any]]:
+    """Run one ``(key, plan dict, seed[, early stop dict or None])`` item; returns ``(key, outcome dict)``.
 
     A top-level function so process pools can pickle it by name.
 
@@ -88,9 +108,13 @@ def run_trial_item(context: TrialContext, item: tuple[str, dict, int]) -> tuple[
     >>> key, sorted(outcome["metrics"])
     ('k1', ['accuracy', 'loss'])
     """
-    key, plan, seed = item
+    key, plan, seed, *rest = item
     options = dataclasses.replace(context.options, seed=seed)
-    return key, _trial.run_trial(context.task, plan_from_dict(plan), options, context.baselines[seed]).to_dict()
+    stop = EarlyStop(**rest[0]) if rest and rest[0] else None
+    cache = context.cache if options.mode == "ptq" else None
+    outcome = _trial.run_trial(context.task, plan_from_dict(plan), options, context.baselines[seed],
+                               early_stop=stop, cache=cache)
+    return key, outcome.to_dict()
 
 
 def _canonical_plan(plan: Mapping[str, QuantSpec]) -> dict[str, dict]:
@@ -99,22 +123,32 @@ def _canonical_plan(plan: Mapping[str, QuantSpec]) -> dict[str, dict]:
 
 
 class _Evaluator:
-    """The ``evaluate`` callable: store first, then the executor; a verdict per plan over all seeds."""
+    """The ``evaluate`` callable: store first, then the executor; a verdict per plan over all seeds.
+
+    With ``early_stop`` (an error rate; post-training, one seed, an ``accuracy`` or ``loss``
+    metric) trials stop as soon as a confidence bound decides them. Their keys name the early
+    stop (threshold, error rate), so a full evaluation is never mistaken for one nor one for
+    a full evaluation; a plan already fully evaluated in the store is reused either way.
+    ``full(plans)`` always evaluates fully (the final joint and uniform plans).
+    """
 
     def __init__(self, task: Any, options: _trial.TrialOptions, baselines: dict[int, _trial.Baseline],
                  criterion: Any, store: TrialStore, executor: Executor,
-                 progress: Callable[[ProgressEvent], None] | None) -> None:
+                 progress: Callable[[ProgressEvent], None] | None, early_stop: float | None = None) -> None:
         self.task, self.options, self.baselines = task, options, baselines
         self.context = TrialContext(task, options, baselines)
         self.criterion, self.store, self.executor, self.progress = criterion, store, executor, progress
         self.fingerprint = task.fingerprint()
         self.run = self.reused = 0
+        self.samples = 0  # validation samples the trials run here evaluated
         self.phase = ""
         self.planned = 0
+        self.stops = _early_stops(options, baselines, criterion, early_stop)
 
-    def key(self, plan: dict[str, dict], seed: int) -> str:
+    def key(self, plan: dict[str, dict], seed: int, early: bool = False) -> str:
         opts = dataclasses.replace(self.options, seed=seed).to_dict()
-        return trial_key(task=self.fingerprint, mode=self.options.mode, plan=plan, seed=seed, options=opts)
+        extra = {"early_stop": self.stops[seed].to_dict()} if early else {}
+        return trial_key(task=self.fingerprint, mode=self.options.mode, plan=plan, seed=seed, options=opts, **extra)
 
     def notify(self, message: str = "") -> None:
         if self.progress is not None:
@@ -130,38 +164,58 @@ class _Evaluator:
         self.planned = self.done + plans * len(self.baselines)
         self.notify(message)
 
-    def __call__(self, plans: list[dict[str, QuantSpec]]) -> list[Verdict]:
+    def _keys(self, d: dict[str, dict], early: bool) -> list[tuple[str, int, bool]]:
+        """(key, seed, early) per seed: the full evaluation's key when stored, else the one to use."""
+        out = []
+        for s in self.baselines:
+            full = self.key(d, s)
+            use_early = early and full not in self.store
+            out.append((self.key(d, s, True) if use_early else full, s, use_early))
+        return out
+
+    def __call__(self, plans: list[dict[str, QuantSpec]], *, full: bool = False) -> list[Verdict]:
         dicts = [_canonical_plan(p) for p in plans]
-        keys = [[self.key(d, s) for s in self.baselines] for d in dicts]
-        stored_before = {k for ks in keys for k in ks if k in self.store}
+        keys = [self._keys(d, bool(self.stops) and not full) for d in dicts]
+        stored_before = {k for ks in keys for k, _, _ in ks if k in self.store}
         self.reused += len(stored_before)
-        todo: dict[str, tuple[str, dict, int]] = {}
+        todo: dict[str, tuple] = {}
         for d, ks in zip(dicts, keys, strict=True):
-            for k, s in zip(ks, self.baselines, strict=True):
-                if k not in self.store:
-                    todo.setdefault(k, (k, d, s))  # the same plan twice in a round runs once
+            for k, s, early in ks:
+                if k not in self.store:  # the same plan twice in a round runs once
+                    todo.setdefault(k, (k, d, s, self.stops[s].to_dict() if early else None))
         lost: dict[str, str] = {}
         for _attempt in range(2):
             items = [todo[k] for k in todo if k not in self.store]
             lost = {}
             for done in self.executor.map_unordered(run_trial_item, self.context, items):
-                key, plan, seed = items[done.index]
+                key, plan, seed, _ = items[done.index]
                 if done.lost:
                     lost[key] = done.error or "worker lost"
                     continue
                 outcome = done.value[1] if done.error is None else _failed(done.error)
                 self.store.put(key, {"mode": self.options.mode, "seed": seed, "plan": plan, "outcome": outcome})
                 self.run += 1
+                self.samples += outcome.get("samples") or 0
                 self.notify(f"trial {key[:12]} {self.criterion.metric}="
                             f"{outcome['metrics'].get(self.criterion.metric)}")
             if not lost:
                 break
-        return [self.verdict(ks, all(k in stored_before for k in ks), lost) for ks in keys]
+        self.store.sync()
+        return [self.verdict([k for k, _, _ in ks], all(k in stored_before for k, _, _ in ks), lost) for ks in keys]
+
+    def val_size(self) -> int | None:
+        """Samples in one full evaluation of one seed (post-training); None in training mode."""
+        if self.options.mode != "ptq":
+            return None
+        return sum(len(y) for _, y in self.task.val_batches())
+
+    def full(self, plans: list[dict[str, QuantSpec]]) -> list[Verdict]:
+        """Verdicts from full evaluations, whatever the early stop."""
+        return self(plans, full=True)
 
     def lookup(self, plan: dict[str, QuantSpec]) -> Verdict | None:
         """The verdict of ``plan`` if every seed's trial is already stored, else None."""
-        d = _canonical_plan(plan)
-        keys = [self.key(d, s) for s in self.baselines]
+        keys = [k for k, _, _ in self._keys(_canonical_plan(plan), bool(self.stops))]
         return self.verdict(keys, True) if all(k in self.store for k in keys) else None
 
     def verdict(self, keys: list[str], reused: bool, lost: Mapping[str, str] | None = None) -> Verdict:
@@ -169,7 +223,10 @@ class _Evaluator:
         outcomes = [_trial.TrialOutcome.from_dict(_failed(lost[k]) if k in lost else self.store.get(k)["outcome"])
                     for k in keys]
         bases = list(self.baselines.values())
-        if hasattr(self.criterion, "passes_seeds"):  # the mean over seeds against the baselines' mean
+        decisions = [(o.early_stop or {}).get("decision") for o in outcomes]
+        if len(outcomes) == 1 and decisions[0] is not None:  # stopped early: the bound decided
+            passed = outcomes[0].error is None and decisions[0] == "pass"
+        elif hasattr(self.criterion, "passes_seeds"):  # the mean over seeds against the baselines' mean
             passed = bool(self.criterion.passes_seeds(outcomes, bases))
         else:  # a criterion of one seed at a time: the plan must pass on every seed
             passed = all(bool(self.criterion.passes(o, b.metrics, b.loss_curve))
@@ -177,6 +234,7 @@ class _Evaluator:
         metric_name = self.criterion.metric
         values = [float(o.metrics.get(metric_name, math.nan)) for o in outcomes]
         errors = [o.error for o in outcomes if o.error]
+        samples = [o.samples for o in outcomes]
         detail = {
             "metrics": _mean_metrics([o.metrics for o in outcomes]),
             "metric_std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -184,8 +242,21 @@ class _Evaluator:
             "wall_time": sum(o.wall_time for o in outcomes),
             "error": errors[0] if errors else None,
             "keys": " ".join(keys),
+            "samples": None if None in samples else sum(samples),
+            "early_stopped": any(d is not None for d in decisions),
         }
         return Verdict(passed, statistics.fmean(values), detail, reused)
+
+
+def _early_stops(options: _trial.TrialOptions, baselines: Mapping[int, _trial.Baseline], criterion: Any,
+                 error_rate: float | None) -> dict[int, EarlyStop]:
+    """Each seed's early stop, or none: only one post-training seed judged on accuracy or loss stops early
+    (several seeds are judged on their mean, which no single trial's bound decides)."""
+    metric = getattr(criterion, "metric", None)
+    if (error_rate is None or options.mode != "ptq" or len(baselines) != 1 or metric not in EARLY_METRICS
+            or not hasattr(criterion, "threshold") or getattr(criterion, "name", "") == "converge"):
+        return {}
+    return {s: EarlyStop(metric, criterion.threshold(b.metrics), error_rate) for s, b in baselines.items()}
 
 
 def _failed(error: str) -> dict[str, Any]:
@@ -227,31 +298,46 @@ def select_pairs(table: pd.DataFrame, names: Sequence[str], kinds: Sequence[str]
     return [(n, k) for n in names for k in kinds if (n, k) in have]
 
 
-def _data_absmax(task: Any, baseline: _trial.Baseline, layers: Sequence[str], kinds: Sequence[str], *,
-                mode: str, calib_batches: int = 4) -> dict[Pair, float]:
-    """Max |x| of each (layer, kind) over calibration batches, for families that place the binary point.
+def _baseline_stats(task: Any, baseline: _trial.Baseline, layers: Sequence[str], kinds: Sequence[str], *,
+                    mode: str, calib_batches: int = 4, seed: int = 0) -> tuple[Any, dict[Pair, float]]:
+    """Statistics of the fp32 baseline over calibration batches, recorded once per search: the
+    recorder (what ``predict`` estimates from) and the max |x| of each (layer, kind), for
+    families that place the binary point.
 
-    Measured on the baseline's weights; in ``train`` mode also on its initial weights,
-    because gradients are largest early in training.
+    In ``train`` mode the max |x| is also taken on the initial weights, because gradients
+    are largest early in training.
     """
     loss_fn = getattr(task, "loss_fn", TF.cross_entropy)
     batches = task.calib_batches(max(1, calib_batches))
     found: dict[Pair, float] = {}
+    recorders = []
     for state in [baseline.state_dict] + ([baseline.init_state_dict] if mode == "train" else []):
         model = task.build_model(0)
         model.load_state_dict(state)
         model.eval()
-        with record(model, layers=list(layers), kinds=kinds) as rec:
+        with record(model, layers=list(layers), kinds=kinds, seed=seed) as rec:
             for x, y in batches:
                 model.zero_grad(set_to_none=True)
                 out = model(x)
                 if "gradient" in kinds:
                     loss_fn(out, y).backward()
+        recorders.append(rec)
         frame = rec.to_frame()
         for row in frame[~frame["quantized"]].itertuples():
             pair = (row.layer, row.kind)
             found[pair] = max(found.get(pair, 0.0), float(row.absmax))
-    return found
+    return recorders[0], found
+
+
+def _predicted(recorder: Any, space: SearchSpace, family: str, options: Mapping[str, Any]) -> dict[Pair, int | None]:
+    """:func:`bitwidth.predict_min_bits` on the baseline's statistics: each pair's estimate or None."""
+    import bitwidth  # the public function, whatever rule it currently implements
+
+    table = bitwidth.predict_min_bits(recorder, family, list(space.candidates), **options)
+    if "quantized" in table.columns:
+        table = table[~table["quantized"].astype(bool)]
+    found = {(r.layer, r.kind): None if pd.isna(r.min_bits) else int(r.min_bits) for r in table.itertuples()}
+    return {pair: found.get(pair) for pair in space.pairs}
 
 
 def _check(name: str, values: Iterable[Any], allowed: Sequence[Any]) -> None:
@@ -284,6 +370,8 @@ def run_search(
     run_dir: str | Path,
     executor: Executor | str | None = None,
     progress: Callable[[ProgressEvent], None] | None = None,
+    early_stop: bool = False,
+    early_stop_error: float = DEFAULT_EARLY_STOP_ERROR,
 ) -> SearchResult:
     """Find each (layer, kind)'s minimum, the joint plan and the best uniform width; save into ``run_dir``.
 
@@ -295,6 +383,14 @@ def run_search(
     here). Rerunning into the same ``run_dir`` reuses every stored trial. ``min_bits``
     counts the family's searched integer (e.g. mantissa bits for ``float``); costs
     count total bits.
+
+    ``strategy``: ``grid``, ``bisect`` or ``predict`` (each pair starts from
+    :func:`bitwidth.predict_min_bits` on statistics of the fp32 baseline, recorded once over
+    the calibration batches; see :func:`bitwidth.search.predict`). ``early_stop``: post-training
+    trials (one seed, an accuracy or loss criterion) stop as soon as a confidence bound
+    decides them, each wrong with probability at most ``early_stop_error`` (see
+    :mod:`bitwidth.early_stop`); the final joint and uniform plans are always evaluated
+    fully, and training runs always train fully.
 
     Order: baseline(s), the per-pair strategy, the best uniform width, then the joint
     step (:func:`bitwidth.search.joint`): in ptq every raise is measured at every step
@@ -310,7 +406,8 @@ def run_search(
 kinds weight and activation
     """
     check_search_inputs(mode, seeds, layers=layers, kinds=kinds, family=family, options=dict(family_options or {}),
-                        candidates=candidates, strategy=strategy)
+                        candidates=candidates, strategy=strategy, early_stop=early_stop,
+                        early_stop_error=early_stop_error)
     if isinstance(task, str):
         from .tasks import make_task
 
@@ -341,8 +438,10 @@ kinds weight and activation
                                                  "(trained once, then reused from the run directory)"))
     baselines = {s: _trial.train_baseline(task, dataclasses.replace(options, seed=s), cache_dir=run_dir)
                  for s in dict.fromkeys(seeds)}
-    absmax = (_data_absmax(task, baselines[seeds[0]], names, kinds, mode=mode, calib_batches=options.calib_batches)
-              if needs_absmax(family) else {})
+    recorder, absmax = (_baseline_stats(task, baselines[seeds[0]], names, kinds, mode=mode, seed=seeds[0],
+                                        calib_batches=options.calib_batches)
+                        if needs_absmax(family) or strategy == "predict" else (None, {}))
+    absmax = absmax if needs_absmax(family) else {}
 
     def build(layer: str, kind: str, n: int) -> Format:
         return make_format(family, n, **fam_opts, **({"absmax": absmax[(layer, kind)]} if absmax else {}))
@@ -350,16 +449,21 @@ kinds weight and activation
     space = SearchSpace(pairs, tuple(candidates), build)
     own_executor = not hasattr(executor, "map_unordered")
     ex = make_executor(executor or "local") if own_executor else executor
-    evaluate = _Evaluator(task, options, baselines, criterion, TrialStore(run_dir / STORE_FILE), ex, progress)
+    store = TrialStore(run_dir / STORE_FILE)
+    evaluate = _Evaluator(task, options, baselines, criterion, store, ex, progress,
+                          early_stop_error if early_stop else None)
     try:
-        result = _search(evaluate, space, strategy, costs, kinds)
+        predicted = _predicted(recorder, space, family, fam_opts) if strategy == "predict" else None
+        result = _search(evaluate, space, strategy, costs, kinds, predicted)
     finally:
+        store.close()
         if own_executor:
             ex.close()
     result.summary["config"] = {
         "task": task.fingerprint(), "mode": mode, "layers": names, "kinds": list(kinds), "family": family,
         "family_options": fam_opts, "candidates": list(space.candidates), "criterion": criterion.to_dict(),
         "strategy": strategy, "seeds": list(baselines), "trial_options": options.to_dict(),
+        "early_stop": {"enabled": bool(evaluate.stops), "requested": early_stop, "error_rate": early_stop_error},
     }
     result.summary["coverage"] = {"text": str(covered), "mac_fraction": covered.mac_fraction,
                                   "weight_fraction": covered.weight_fraction,
@@ -369,10 +473,10 @@ kinds weight and activation
 
 
 def _search(evaluate: _Evaluator, space: SearchSpace, strategy: str, costs: CostModel,
-            kinds: Sequence[str]) -> SearchResult:
+            kinds: Sequence[str], predicted: Mapping[Pair, int | None] | None = None) -> SearchResult:
     """The strategy, then the joint step and the uniform search, into one result."""
     n = len(space.candidates)
-    per_pair = n if strategy == "grid" else max(1, math.ceil(math.log2(n + 1)))  # bisection: ~log2 probes
+    per_pair = {"grid": n, "predict": 2}.get(strategy, max(1, math.ceil(math.log2(n + 1))))  # bisection: ~log2
     evaluate.start(strategy, f"{len(space.pairs)} (site, kind) pairs x {n} candidates (and the best uniform width)",
                    plans=len(space.pairs) * per_pair + per_pair)
     if strategy == "grid":
@@ -381,8 +485,14 @@ def _search(evaluate: _Evaluator, space: SearchSpace, strategy: str, costs: Cost
         reference = {pair: {n: v.passed for n in space.candidates
                             if (v := evaluate.lookup(space.plan({pair: n}))) is not None} for pair in space.pairs}
         strategy_fn = lambda ev: bisect(ev, space, reference=reference)  # noqa: E731
-    # The uniform search is independent of the per-pair one: its trials share their rounds.
-    pairs, same = together(evaluate, strategy_fn, lambda ev: uniform(ev, space))
+    full = evaluate.full if evaluate.stops else None
+    cheap_fails = bool(evaluate.stops)  # a failing trial stops early: a few batches, not the whole set
+    if strategy == "predict":
+        # The per-pair minima decide the uniform widths below the largest one: search it afterwards.
+        pairs = predict(evaluate, space, predicted or {}, reference=reference, ascend=cheap_fails)
+        same = uniform(evaluate, space, confirm=full, minima=pairs.as_dict(), ascend=cheap_fails)
+    else:  # the uniform search is independent of the per-pair one: its trials share their rounds
+        pairs, same = together(evaluate, strategy_fn, lambda ev: uniform(ev, space, confirm=full))
     metric_name = evaluate.criterion.metric
     # The joint step ranks raises by the costs the searched kinds move.
     needed = ("weight" in kinds, "weight" in kinds or "activation" in kinds, "gradient" in kinds)
@@ -394,7 +504,10 @@ def _search(evaluate: _Evaluator, space: SearchSpace, strategy: str, costs: Cost
     # raise is measured at every step, uncapped, unless there are so many pairs (every site of a
     # transformer) that a round per step costs pairs x steps trials: then the lazy greedy too.
     noisy = evaluate.options.mode == "train"
-    lazy = noisy or len(minima) > EXHAUSTIVE_JOINT_PAIRS
+    # With predict, the per-pair trials' measured sensitivities order the repairs and a bisection along
+    # them finds the joint plan (ordered_joint: about log2(repairs) trials instead of one or more per repair).
+    sensitivity = _sensitivity(pairs.min_bits, evaluate, "loss" not in metric_name) if strategy == "predict" else None
+    lazy = noisy or len(minima) > EXHAUSTIVE_JOINT_PAIRS or sensitivity is not None
     # The lazy greedy judges raises by scores that may be stale: capped at the uniform width
     # that passes, it cannot wander past a plan the uniform search already found.
     ceiling = None if same.bits is None or not lazy else {
@@ -402,10 +515,15 @@ def _search(evaluate: _Evaluator, space: SearchSpace, strategy: str, costs: Cost
     steps = max(1, len(minima) // 4) + sum(1 for n_ in minima.values() if n_ is None)
     evaluate.start("joint", "joint plan", plans=1 + steps * (1 if lazy else len(minima)))
     # Idle workers prefetch the lazy greedy's likely next trials (same result, fewer rounds).
-    combined = joint(evaluate, space, minima, cost=lambda p: costs.relative(p, measures), ceiling=ceiling,
-                     lazy=lazy, higher_is_better="loss" not in metric_name,
-                     prefetch=max(0, getattr(evaluate.executor, "workers", 1) - 1))
+    if sensitivity is not None:
+        combined = ordered_joint(evaluate, space, minima, sensitivity=sensitivity, confirm=full,
+                                 cost=lambda p: costs.relative(p, measures), ceiling=ceiling)
+    else:
+        combined = joint(evaluate, space, minima, cost=lambda p: costs.relative(p, measures), ceiling=ceiling,
+                         lazy=lazy, higher_is_better="loss" not in metric_name,
+                         prefetch=max(0, getattr(evaluate.executor, "workers", 1) - 1), confirm=full)
     trials = pd.concat([pairs.trials, same.trials, combined.trials], ignore_index=True)
+    val_size = evaluate.val_size()
     evaluate.start("done", f"{evaluate.run} trials run, {evaluate.reused} reused")
     return SearchResult(
         trials=trials,
@@ -422,9 +540,23 @@ def _search(evaluate: _Evaluator, space: SearchSpace, strategy: str, costs: Cost
                          "per_seed": {s: b.metrics for s, b in evaluate.baselines.items()}},
             "layer_costs": {name: dataclasses.asdict(size) for name, size in costs.layers.items()},
             "counts": {"trials_run": evaluate.run, "trials_reused": evaluate.reused,
-                       "evaluations": {k: int(v) for k, v in trials.groupby("strategy").size().items()}},
+                       "evaluations": {k: int(v) for k, v in trials.groupby("strategy").size().items()},
+                       "pairs": len(space.pairs),
+                       "trials_per_pair": round(len(trials) / len(space.pairs), 3),
+                       "samples_run": evaluate.samples, "validation_size": val_size,
+                       # samples the trials run here evaluated / validation size / pairs: 1 = one full pass per pair
+                       "full_evaluations_per_pair": (round(evaluate.samples / val_size / len(space.pairs), 3)
+                                                     if val_size else None)},
         },
     )
+
+
+def _sensitivity(min_bits: pd.DataFrame, evaluate: _Evaluator, higher_is_better: bool) -> dict[Pair, float]:
+    """Per pair, how much of the baseline's metric its minimum loses alone (0 when none)."""
+    base = statistics.fmean(float(b.metrics[evaluate.criterion.metric]) for b in evaluate.baselines.values())
+    sign = 1.0 if higher_is_better else -1.0
+    return {(r.layer, r.kind): max(0.0, sign * (base - float(r.metric_at_min)))
+            for r in min_bits.itertuples() if not math.isnan(float(r.metric_at_min))}
 
 
 def _cost_table(costs: CostModel, joint_plan: dict[str, QuantSpec],

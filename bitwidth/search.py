@@ -9,9 +9,14 @@ them in parallel; the runner behind ``evaluate`` looks each one up in the trial 
 - :func:`grid`: every candidate for every pair, one pair quantized at a time.
 - :func:`bisect`: binary search per pair over the sorted candidates, assuming more bits
   never hurts; all pairs advance one step per round.
+- :func:`predict`: certifies a predicted minimum per pair (the predicted width passes, the
+  next lower one fails), searching only where the prediction missed; bisection where
+  there is no prediction.
 - :func:`joint`: every pair at its isolated minimum together; while that fails, raise
   the pair whose next candidate recovers the most metric per added cost, measured on
   the joint plan (all raises in the first round, then lazily).
+- :func:`ordered_joint`: the same plan's cheaper cousin: the first passing point of a path
+  of repairs ordered by the per-pair sensitivities, found by bisection.
 - :func:`uniform`: the fewest bits that pass with every pair at the same width.
 
 Metrics are "higher is better" (accuracy) unless a strategy is told otherwise.
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,12 +57,14 @@ __all__ = [
     "bisect",
     "grid",
     "joint",
+    "ordered_joint",
     "plan_label",
+    "predict",
     "uniform",
 ]
 
 Pair = tuple[str, str]  # (layer, kind)
-STRATEGIES = ("grid", "bisect")
+STRATEGIES = ("grid", "bisect", "predict")
 
 
 @dataclass(frozen=True)
@@ -162,12 +169,13 @@ class _Trace:
         self.round = 0
 
     def __call__(self, labeled: list[tuple[dict[str, Any], dict[str, QuantSpec]]],
-                 prefetch: Sequence[dict[str, QuantSpec]] = ()) -> list[Verdict]:
+                 prefetch: Sequence[dict[str, QuantSpec]] = (), evaluate: Evaluate | None = None) -> list[Verdict]:
         """Evaluate ``labeled`` plans in one round; ``prefetch`` plans ride along unrecorded
-        (idle workers run trials a later round will likely ask for; the store keeps them)."""
+        (idle workers run trials a later round will likely ask for; the store keeps them).
+        ``evaluate`` replaces the trace's own for this round (e.g. a full evaluation)."""
         if not labeled:
             return []
-        verdicts = list(self.evaluate([plan for _, plan in labeled] + list(prefetch)))
+        verdicts = list((evaluate or self.evaluate)([plan for _, plan in labeled] + list(prefetch)))
         if len(verdicts) != len(labeled) + len(prefetch):
             raise ValueError(f"evaluate returned {len(verdicts)} verdicts for {len(labeled)} plans")
         verdicts = verdicts[:len(labeled)]
@@ -273,9 +281,141 @@ def bisect(evaluate: Evaluate, space: SearchSpace, *,
     return PairResult(_min_bits_frame(rows), trace.frame())
 
 
+def _certify(m: int, start: int | None, ascend: bool) -> Generator[list[int], dict[int, bool], int]:
+    """One pair's search over candidate indices ``0 .. m - 1``: yields the indices to evaluate
+    next, receives whether each passed, returns the smallest passing index (``m``: none).
+
+    From ``start``: evaluate it and the index below at once; a pass and a fail end it.
+    Otherwise the answer lies below (both passed) or above (``start`` failed), and is
+    searched there: with ``ascend`` (failures are cheap, e.g. stopped early) one index at a
+    time upwards from the bottom of that range, so the only passing evaluation is the
+    answer's; else by galloping away from ``start`` (1, 2, 4, ... steps) and bisecting the
+    bracket. Without ``start``: the whole range, the same two ways.
+    """
+    lo, hi = 0, m  # the answer lies in [lo, hi]
+    if start is not None:
+        got = yield [start, start - 1] if start > 0 else [start]
+        if got[start] and (start == 0 or not got[start - 1]):
+            return start
+        if got[start]:  # too high: the answer is at most start - 1
+            hi = start - 1
+            step = 2
+            while not ascend and (probe := start - step) >= 0:
+                got = yield [probe]
+                if not got[probe]:
+                    lo = probe + 1
+                    break
+                hi, step = probe, step * 2
+        else:  # too low
+            lo, step = start + 1, 1
+            while not ascend and lo < hi:
+                probe = min(start + step, m - 1)
+                got = yield [probe]
+                if got[probe]:
+                    hi = probe
+                    break
+                lo, step = probe + 1, step * 2
+    while ascend and lo < hi:
+        got = yield [lo]
+        if got[lo]:
+            return lo
+        lo += 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        got = yield [mid]
+        lo, hi = (lo, mid) if got[mid] else (mid + 1, hi)
+    return lo
+
+
+def predict(evaluate: Evaluate, space: SearchSpace, predicted: Mapping[Pair, int | None], *,
+            reference: Mapping[Pair, Mapping[int, bool]] | None = None, ascend: bool = False,
+            correct: bool = True) -> PairResult:
+    """Certify each pair's predicted minimum; search only where the prediction missed.
+
+    ``predicted`` gives each pair an estimated minimum (e.g. :func:`bitwidth.predict_min_bits`
+    on statistics of the fp32 model; ``None``: no estimate). A width between candidates
+    starts at the next candidate up. The first round evaluates the predicted width and the
+    next lower candidate: a pass and a fail certify the minimum in two evaluations (one at
+    the lowest candidate). Where both pass the search gallops down, where the predicted
+    width fails it gallops up, then bisects; a pair without an estimate is bisected. With
+    ``ascend`` (failing trials are cheap because they stop early) the misses and the pairs
+    without an estimate are searched upwards one candidate at a time instead, so that the
+    only passing (full) evaluation below the prediction is the minimum's. All pairs advance
+    one step per round. As :func:`bisect`, it assumes more bits never hurt, and
+    ``reference`` lets ``monotone`` say False where earlier trials saw otherwise.
+
+    ``correct`` (with 4 or more estimates): a predictor calibrated on other models may be
+    off by the same amount everywhere. A first wave of about ``sqrt(estimates)`` pairs,
+    spread over the model, is certified first; the median of their misses (in candidates)
+    then moves the estimates of the others, whose first evaluations are then the moved
+    estimate and the candidate below it.
+
+    >>> from bitwidth.formats import IntFormat
+    >>> space = SearchSpace([("a", "weight"), ("b", "weight"), ("c", "weight")], (2, 3, 4, 5, 6, 8),
+    ...                     lambda layer, kind, n: IntFormat(n))
+    >>> need = {"a": 4, "b": 5, "c": 3}
+    >>> def evaluate(plans):
+    ...     return [Verdict(all(s.weight.bits >= need[k] for k, s in p.items()), 1.0) for p in plans]
+    >>> res = predict(evaluate, space, {("a", "weight"): 4, ("b", "weight"): 3, ("c", "weight"): None})
+    >>> res.min_bits[["layer", "min_bits", "evaluations"]].values.tolist()
+    [['a', 4, 2], ['b', 5, 4], ['c', 3, 3]]
+    >>> # Estimates one candidate too high everywhere: the first wave (a, c) learns it, the rest start lower.
+    >>> space = SearchSpace([(k, "weight") for k in "abcd"], (2, 3, 4, 5, 6, 8), lambda layer, kind, n: IntFormat(n))
+    >>> need = {"a": 3, "b": 4, "c": 4, "d": 5}
+    >>> res = predict(evaluate, space, {(k, "weight"): need[k] + 1 for k in "abcd"})
+    >>> res.min_bits[["layer", "min_bits", "evaluations"]].values.tolist()
+    [['a', 3, 3], ['b', 4, 2], ['c', 4, 3], ['d', 5, 2]]
+    """
+    cands = space.candidates
+    bad = set(predicted) - set(space.pairs)
+    if bad:
+        raise ValueError(f"predicted names pairs that are not searched: {sorted(bad)}; pairs: {list(space.pairs)}")
+    trace = _Trace(evaluate, "predict")
+    starts: dict[Pair, int | None] = {}
+    for pair in space.pairs:
+        n = predicted.get(pair)
+        starts[pair] = None if n is None or pd.isna(n) else min(sum(c < int(n) for c in cands), len(cands) - 1)
+    answers: dict[Pair, int] = {}
+    seen: dict[Pair, dict[int, Verdict]] = {pair: {} for pair in space.pairs}
+
+    def search(pairs: list[Pair], shift: int) -> None:
+        """Certify ``pairs``, their estimates moved by ``shift`` candidates, all in the same rounds."""
+        searches, asks = {}, {}
+        for pair in pairs:
+            start = starts[pair] if starts[pair] is None else min(max(starts[pair] + shift, 0), len(cands) - 1)
+            searches[pair] = _certify(len(cands), start, ascend)
+            asks[pair] = next(searches[pair])
+        while asks:
+            round_ = [(pair, i) for pair, idx in asks.items() for i in idx]
+            verdicts = trace([_isolated(space, pair, cands[i]) for pair, i in round_])
+            for (pair, i), v in zip(round_, verdicts, strict=True):
+                seen[pair][cands[i]] = v
+            for pair in list(asks):
+                try:
+                    asks[pair] = searches[pair].send({i: seen[pair][cands[i]].passed for i in asks[pair]})
+                except StopIteration as done:
+                    answers[pair] = done.value
+                    del asks[pair]
+
+    estimated = [pair for pair in space.pairs if starts[pair] is not None]
+    first = estimated[::max(1, round(math.sqrt(len(estimated))))] if correct and len(estimated) >= 4 else []
+    search(first, 0)
+    misses = sorted(answers[p] - starts[p] for p in first if answers[p] < len(cands))  # type: ignore[operator]
+    search([p for p in space.pairs if p not in first], misses[len(misses) // 2] if misses else 0)
+    rows = []
+    for pair in space.pairs:
+        idx = answers[pair]
+        best = cands[idx] if idx < len(cands) else None
+        metric = seen[pair][best].metric if best is not None else float("nan")
+        observed = {**(reference or {}).get(pair, {}), **{n: v.passed for n, v in seen[pair].items()}}
+        rows.append(_row(pair, best, metric, len(seen[pair]), _monotone(observed, cands)))
+    return PairResult(_min_bits_frame(rows), trace.frame())
+
+
 def joint(evaluate: Evaluate, space: SearchSpace, min_bits: Mapping[Pair, int | None], *,
           cost: Callable[[dict[str, QuantSpec]], float], ceiling: Mapping[Pair, int | None] | None = None,
-          lazy: bool = True, higher_is_better: bool = True, prefetch: int = 0) -> JointResult:
+          lazy: bool = True, higher_is_better: bool = True, prefetch: int = 0,
+          confirm: Evaluate | None = None) -> JointResult:
     """Every pair at its isolated minimum together; repair greedily while that fails.
 
     Errors of separately harmless pairs add up. A repair raises one pair by one
@@ -295,6 +435,10 @@ def joint(evaluate: Evaluate, space: SearchSpace, min_bits: Mapping[Pair, int | 
     idle workers) adds that many speculative plans to each one-trial round: the next
     raises the greedy will probably measure, assuming it accepts the current best. The
     result is the same with any ``prefetch``; a right guess saves a round, a wrong one a trial.
+
+    ``confirm`` (e.g. a full evaluation where ``evaluate``
+    stops early) re-evaluates a passing plan before it is accepted; if it then fails, the
+    repairs go on.
 
     >>> from bitwidth.formats import IntFormat
     >>> space = SearchSpace([("a", "weight"), ("b", "weight")], (2, 4, 8), lambda layer, kind, n: IntFormat(n))
@@ -365,6 +509,16 @@ def joint(evaluate: Evaluate, space: SearchSpace, min_bits: Mapping[Pair, int | 
         capped = [p for p in space.pairs if ceiling is not None and below(p, ceiling[p], base)]
         return capped if ceiling is not None and capped else [p for p in space.pairs if below(p, None, base)]
 
+    def confirmed(v: Verdict) -> Verdict:
+        """``v``, or a full re-evaluation of the current plan when ``v`` passed by an early stop."""
+        if confirm is None or not v.passed or not v.outcome.get("early_stopped"):
+            return v
+        (full,) = trace([({"layer": "*", "kind": "*", "step": steps, "confirm": True}, space.plan(bits))],
+                        evaluate=confirm)
+        measured.clear()  # measured against the early metric
+        return full
+
+    verdict = confirmed(verdict)
     while not verdict.passed and (movable := movable_pairs()):
         if not measured and (steps == 0 or not lazy):
             measure(movable)
@@ -372,8 +526,10 @@ def joint(evaluate: Evaluate, space: SearchSpace, min_bits: Mapping[Pair, int | 
             if passing:  # the cheapest raise that passes; the first of equals, in pair order
                 best = min(passing, key=lambda p: cost(space.plan(measured[p][0])))
                 bits, verdict = measured[best]
+                measured.clear()
                 steps += 1
-                break
+                verdict = confirmed(verdict)
+                continue
         best = max(movable, key=lambda p: scores.get(p, (True, math.inf)))  # unmeasured pairs go first
         if best not in measured:
             measure([best])
@@ -381,12 +537,96 @@ def joint(evaluate: Evaluate, space: SearchSpace, min_bits: Mapping[Pair, int | 
         bits, verdict = measured[best]
         measured.clear()  # every other measurement was of the plan before this raise
         steps += 1
+        verdict = confirmed(verdict)
     return JointResult(bits, space.plan(bits), verdict.passed, verdict.metric, dict(verdict.outcome), steps,
                        trace.frame())
 
 
-def uniform(evaluate: Evaluate, space: SearchSpace) -> UniformResult:
+def ordered_joint(evaluate: Evaluate, space: SearchSpace, min_bits: Mapping[Pair, int | None], *,
+                  sensitivity: Mapping[Pair, float], cost: Callable[[dict[str, QuantSpec]], float],
+                  ceiling: Mapping[Pair, int | None] | None = None, confirm: Evaluate | None = None) -> JointResult:
+    """The joint plan by bisection along a path of repairs ordered by measured sensitivity.
+
+    The path starts with every pair at its isolated minimum and raises one pair by one
+    candidate per step: in rounds, each pair still below its ``ceiling`` (default: full
+    precision) once, the pairs in order of ``sensitivity`` (the metric the pair's minimum
+    loses alone, from the per-pair trials) per added ``cost``; pairs that lose nothing
+    alone come last. Its end, every pair at its ceiling, is decided without a trial: with
+    the ceiling at least the best passing uniform width, or full precision, it passes
+    (more bits never hurt). More bits along the path never hurt either, so the plan is
+    the first passing point of the path, found by bisection in about ``log2(steps)``
+    trials instead of a trial or more per repair (:func:`joint` measures every repair on
+    the plan it changes; this one trusts the isolated measurements for the order).
+    ``confirm`` (e.g. a full evaluation where ``evaluate`` stops early) re-evaluates the
+    plan found, and the end of the path if the search lands there, before it is accepted;
+    if it then fails, the search goes on above it.
+
+    >>> from bitwidth.formats import IntFormat
+    >>> space = SearchSpace([("a", "weight"), ("b", "weight")], (2, 4, 8), lambda layer, kind, n: IntFormat(n))
+    >>> def evaluate(plans):  # each pair at 2 bits costs 0.6: one alone passes, both fail
+    ...     drops = [sum(0.6 for s in p.values() if s.weight.bits == 2) for p in plans]
+    ...     return [Verdict(d <= 0.6, 1 - d) for d in drops]
+    >>> res = ordered_joint(evaluate, space, {("a", "weight"): 2, ("b", "weight"): 2},
+    ...                     sensitivity={("a", "weight"): 0.1, ("b", "weight"): 0.6}, cost=lambda p: len(p),
+    ...                     ceiling={("a", "weight"): 4, ("b", "weight"): 4})  # 4 bits pass uniformly
+    >>> res.passed, res.bits, len(res.trials)
+    (True, {('a', 'weight'): 2, ('b', 'weight'): 4}, 2)
+    """
+    trace = _Trace(evaluate, "joint")
+    levels: list[int | None] = [*space.candidates, None]
+    tops = ceiling or dict.fromkeys(space.pairs)
+    for name, given in (("min_bits", min_bits), ("ceiling", tops)):
+        if set(given) != set(space.pairs) or any(n not in levels for n in given.values()):
+            raise ValueError(f"{name} must give every pair a candidate {list(space.candidates)} or None; "
+                             f"got {dict(given)}")
+    start = {p: min_bits[p] for p in space.pairs}
+    base_cost = cost(space.plan(start))
+
+    def priority(p: Pair) -> tuple[bool, float]:
+        raised = {**start, p: levels[levels.index(start[p]) + 1]}
+        gain = max(0.0, float(sensitivity.get(p, 0.0)))
+        return gain > 0, gain / max(cost(space.plan(raised)) - base_cost, 1e-12)
+
+    order = sorted((p for p in space.pairs if levels.index(start[p]) < levels.index(tops[p])),
+                   key=priority, reverse=True)
+    path, bits = [dict(start)], dict(start)
+    while order:
+        for p in order:
+            bits = {**bits, p: levels[levels.index(bits[p]) + 1]}
+            path.append(bits)
+        order = [p for p in order if levels.index(bits[p]) < levels.index(tops[p])]
+    seen: dict[int, Verdict] = {}
+
+    def run(k: int, check: Evaluate | None = None) -> Verdict:
+        label = {"layer": "*", "kind": "*", "step": k, **({"confirm": True} if check else {})}
+        (seen[k],) = trace([(label, space.plan(path[k]))], evaluate=check)
+        return seen[k]
+
+    lo, hi = 0, len(path) - 1  # the first passing point lies in [lo, hi]; the end passes
+    while True:
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if run(mid).passed else (mid + 1, hi)
+        v = seen.get(lo)
+        if v is None or (confirm is not None and v.outcome.get("early_stopped")):
+            v = run(lo, confirm)  # the final plan gets a full evaluation
+        if v.passed or lo == len(path) - 1:
+            break
+        lo, hi = lo + 1, len(path) - 1
+    return JointResult(path[lo], space.plan(path[lo]), v.passed, v.metric, dict(v.outcome), lo, trace.frame())
+
+
+def uniform(evaluate: Evaluate, space: SearchSpace, *, confirm: Evaluate | None = None,
+            minima: Mapping[Pair, int | None] | None = None, ascend: bool = False) -> UniformResult:
     """Binary search for the fewest bits that pass with every pair at that same width.
+
+    ``minima`` (each pair's minimum alone, ``None``: no candidate passes) skips the widths
+    they decide: a width below some pair's minimum fails (that pair alone already fails
+    there), and with a pair that passes at no width no uniform width passes. ``ascend``
+    (failures are cheap) tries the widths left upwards one at a time instead of bisecting.
+
+    ``confirm`` (e.g. a full evaluation where ``evaluate`` stops early) re-evaluates the width
+    found when it passed by an early stop; if it then fails, the search goes on above it.
 
     >>> from bitwidth.formats import IntFormat
     >>> space = SearchSpace([("a", "weight"), ("b", "weight")], (2, 4, 8), lambda layer, kind, n: IntFormat(n))
@@ -396,13 +636,25 @@ def uniform(evaluate: Evaluate, space: SearchSpace) -> UniformResult:
     trace = _Trace(evaluate, "uniform")
     cands = space.candidates
     lo, hi = 0, len(cands)
+    if minima is not None:
+        lo = len(cands) if None in minima.values() else cands.index(max(minima.values(), default=cands[0]))
     seen: dict[int, Verdict] = {}
-    while lo < hi:
-        mid = (lo + hi) // 2
-        n = cands[mid]
-        (v,) = trace([({"layer": "*", "kind": "*", "bits": n}, space.plan({pair: n for pair in space.pairs}))])
+    while True:
+        while lo < hi:
+            mid = lo if ascend else (lo + hi) // 2
+            n = cands[mid]
+            (v,) = trace([({"layer": "*", "kind": "*", "bits": n}, space.plan({pair: n for pair in space.pairs}))])
+            seen[n] = v
+            lo, hi = (lo, mid) if v.passed else (mid + 1, hi)
+        if lo == len(cands) or confirm is None or not seen[cands[lo]].outcome.get("early_stopped"):
+            break
+        n = cands[lo]
+        (v,) = trace([({"layer": "*", "kind": "*", "bits": n, "confirm": True},
+                       space.plan({pair: n for pair in space.pairs}))], evaluate=confirm)
         seen[n] = v
-        lo, hi = (lo, mid) if v.passed else (mid + 1, hi)
+        if v.passed:
+            break
+        lo, hi = lo + 1, len(cands)
     if lo == len(cands):
         return UniformResult(None, {}, False, float("nan"), trace.frame())
     n = cands[lo]

@@ -19,24 +19,38 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from . import blocks as B
 from .families import FAMILIES, make_format, needs_absmax
-from .formats import FixedFormat, FloatFormat, Format, IntFormat, parse_format
+from .formats import (
+    BLOCK_FORMATS,
+    FORMAT_TYPES,
+    FixedFormat,
+    FloatFormat,
+    Format,
+    GroupIntFormat,
+    IntFormat,
+    MXFormat,
+    NVFP4Format,
+    parse_format,
+)
+from .predict import predict_min_bits  # the calibrated rule lives in predict.py; re-exported here
 
 if TYPE_CHECKING:
     from .stats import Recorder
 
-__all__ = ["analyze", "sweep", "predict_min_bits", "format_range", "resolve_format", "family_of"]
+__all__ = ["analyze", "sweep", "predict_min_bits", "format_range", "resolve_format", "family_of", "block_effects"]
 
 _METRICS = ["n_sample", "sqnr_db", "mse", "clip_frac", "flush_frac"]
 
 
 def family_of(fmt: Format) -> str:
-    """``int``, ``fixed`` or ``float``.
+    """``int``, ``fixed``, ``float``, ``group_int``, ``mx`` or (NVFP4) ``block``.
 
-    >>> family_of(parse_format("e4m3"))
-    'float'
+    >>> family_of(parse_format("e4m3")), family_of(parse_format("mxfp4"))
+    ('float', 'mx')
     """
-    return {IntFormat: "int", FixedFormat: "fixed", FloatFormat: "float"}[type(fmt)]
+    return {IntFormat: "int", FixedFormat: "fixed", FloatFormat: "float", GroupIntFormat: "group_int",
+            MXFormat: "mx", NVFP4Format: "block"}[type(fmt)]
 
 
 def _int_qparams(fmt: IntFormat, sample: Tensor, lo: float, hi: float) -> tuple[Tensor, Tensor]:
@@ -60,7 +74,25 @@ def format_range(fmt: Format, lo: float, hi: float, sample: Tensor | None = None
         return s, (fmt.qmin - z) * s, (fmt.qmax - z) * s
     if isinstance(fmt, FixedFormat):
         return fmt.step, -(2.0 ** (fmt.bits - 1)) * fmt.step, fmt.max_value
+    if isinstance(fmt, BLOCK_FORMATS):
+        return _block_range(fmt, lo, hi)
     return fmt.step, -fmt.max_value, fmt.max_value
+
+
+def _block_range(fmt: GroupIntFormat | MXFormat | NVFP4Format, lo: float, hi: float) -> tuple[float, float, float]:
+    """The grid of the block holding ``lo`` and ``hi``: the coarsest one (blocks of smaller values are finer)."""
+    ends = torch.tensor([lo, hi], dtype=torch.float32)
+    scale = float(fmt.block_scales(ends)[0])
+    if isinstance(fmt, GroupIntFormat):
+        if fmt.symmetric:
+            top = (2 ** (fmt.bits - 1) - 1) * scale
+            return scale, -top, top
+        return scale, min(lo, 0.0), max(hi, 0.0)  # the asymmetric grid spans the range
+    if isinstance(fmt, NVFP4Format):
+        return 0.5 * scale, -6.0 * scale, 6.0 * scale
+    exp, man, top = B.MX_ELEMENTS[fmt.element]
+    step = 2.0**-6 if fmt.element == "int8" else 2.0 ** (2 - 2 ** (exp - 1) - man)
+    return step * scale, -top * scale, top * scale
 
 
 def _error(fmt: Format, x: Tensor, lo: float, hi: float) -> dict[str, float]:
@@ -84,7 +116,7 @@ def _error(fmt: Format, x: Tensor, lo: float, hi: float) -> dict[str, float]:
 
 
 def _as_formats(formats: str | Format | Iterable[str | Format]) -> list[Format]:
-    items = [formats] if isinstance(formats, (str, IntFormat, FixedFormat, FloatFormat)) else list(formats)
+    items = [formats] if isinstance(formats, (str, *FORMAT_TYPES)) else list(formats)
     out = []
     for f in items:
         fmt = parse_format(f)
@@ -189,13 +221,20 @@ def sweep(recorder: Recorder, family: str, candidates: Iterable[int], **options:
     return _error_table(recorder, False, formats_for)
 
 
-def predict_min_bits(recorder: Recorder, family: str, candidates: Iterable[int], *,
-                     sqnr_db: float = 30.0, **options: Any) -> pd.DataFrame:
-    """The smallest candidate whose SQNR on the recorded sample reaches ``sqnr_db``.
+_BLOCK_COLUMNS = ["format", "n_blocks", "flush_frac", "scale_log2_lo", "scale_log2_mid", "scale_log2_hi",
+                  "spread_octaves"]
 
-    Formats as :func:`sweep` makes them. ``min_bits`` is missing (and ``format`` None)
-    where no candidate meets the threshold; ``sqnr_db`` is then the best one reached.
-    30 dB is about five bits of a uniform quantizer on a full-range signal (6.02 dB/bit).
+
+def block_effects(recorder: Recorder, formats: str | Format | Iterable[str | Format], *,
+                  quantized: bool | None = False) -> pd.DataFrame:
+    """What block formats do inside their blocks, per recorded (layer, kind[, step]) and format.
+
+    ``flush_frac``: the fraction of nonzero values that become zero (small values in a
+    block whose scale a large one sets); ``scale_log2_lo/mid/hi``: the 5th, 50th and 95th
+    percentiles of log2 of the per-block scales, ``spread_octaves`` their distance. Blocks
+    are consecutive values of the recorded sample, that is random values of the layer:
+    they show its distribution, not the neighbour structure of the real tensor (a weight
+    whose channels differ in scale spreads more than this).
 
     >>> import torch.nn as nn
     >>> from bitwidth.stats import record
@@ -203,18 +242,36 @@ def predict_min_bits(recorder: Recorder, family: str, candidates: Iterable[int],
     >>> model = nn.Sequential(nn.Linear(64, 8))
     >>> with record(model, kinds="weight") as rec:
     ...     _ = model(torch.randn(2, 64))
-    >>> predict_min_bits(rec, "int", range(2, 9), sqnr_db=30)[["layer", "min_bits", "format"]].values.tolist()
-    [['0', 6, 'int6']]
+    >>> df = block_effects(rec, ["mxfp4", "int4_g32"])
+    >>> df["format"].tolist(), bool((df["flush_frac"] < 0.2).all())
+    (['mxfp4', 'int4_g32'], True)
     """
-    sw = sweep(recorder, family, candidates, **options)
-    keys = [c for c in ("layer", "kind", "quantized", "step") if c in sw.columns]
+    fmts = _as_formats(formats)
+    bad = [f.name for f in fmts if not isinstance(f, BLOCK_FORMATS)]
+    if bad:
+        raise ValueError(f"block_effects needs block formats (int4_g128, mxfp4, nvfp4, …), got {bad}")
+    streams = _streams(recorder, quantized)
+    keys = _key_cols(streams)
     rows = []
-    for _, g in sw.groupby(keys, sort=False):
-        ok = g[g["sqnr_db"] >= sqnr_db]
-        hit = ok.iloc[0] if len(ok) else None
-        rows.append({**g.iloc[0][keys].to_dict(), "family": family,
-                     "min_bits": None if hit is None else int(hit["bits"]),
-                     "format": None if hit is None else hit["format"],
-                     "sqnr_db": float(g["sqnr_db"].max() if hit is None else hit["sqnr_db"])})
-    df = pd.DataFrame(rows, columns=keys + ["family", "min_bits", "format", "sqnr_db"])
-    return df.astype({"min_bits": "Int64"})
+    for _, row in streams.iterrows():
+        x = _sample_of(recorder, row).float()
+        for fmt in fmts:
+            rows.append({**row[keys].to_dict(), **_block_row(fmt, x)})
+    return pd.DataFrame(rows, columns=keys + _BLOCK_COLUMNS)
+
+
+def _block_row(fmt: GroupIntFormat | MXFormat | NVFP4Format, x: Tensor) -> dict[str, Any]:
+    nan = math.nan
+    if x.numel() == 0:
+        return dict(zip(_BLOCK_COLUMNS, [fmt.name, 0, nan, nan, nan, nan, nan], strict=True))
+    q = fmt.quantize(x)
+    nonzero = x != 0
+    flush = float(((q == 0) & nonzero).sum() / nonzero.sum()) if bool(nonzero.any()) else 0.0
+    scales = fmt.block_scales(x)
+    # all-zero blocks have no meaningful scale (group-wise integers give them 1)
+    live = scales[torch.nn.functional.pad(x.abs(), (0, -x.numel() % fmt.block)).reshape(-1, fmt.block).amax(1) > 0]
+    if live.numel() == 0:
+        return dict(zip(_BLOCK_COLUMNS, [fmt.name, scales.numel(), flush, nan, nan, nan, nan], strict=True))
+    lo, mid, hi = torch.quantile(live.double().log2(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)).tolist()
+    return dict(zip(_BLOCK_COLUMNS, [fmt.name, scales.numel(), flush, lo, mid, hi, hi - lo], strict=True))
+

@@ -1,8 +1,11 @@
 """Append-only trial store: one JSON line per finished trial, keyed by what determined it.
 
 Rerunning a search into the same run directory looks every trial up here first, so a
-run killed at any moment continues where it stopped. Each line is flushed and fsynced
-before the next trial starts; a last line cut short by a kill is dropped on open.
+run killed at any moment continues where it stopped. Each line is written whole and
+flushed to the kernel the moment its trial finishes, so a killed process loses nothing
+stored; :meth:`TrialStore.sync` (the runner calls it after every round) and ``close``
+fsync it to the disk, so a power cut loses at most the round in flight. A last line cut
+short by a kill is dropped on open.
 Keys hash the whole trial definition, so a changed config never reuses a trial
 that no longer matches: it simply finds no record under the new key.
 
@@ -101,6 +104,8 @@ _OUTCOME_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "diverged": (lambda v: isinstance(v, bool), "true or false"),
     "wall_time": (_is_number, "a number"),
     "error": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "samples": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "an integer or null"),
+    "early_stop": (lambda v: v is None or isinstance(v, dict), "an object or null"),
 }
 _RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "mode": (lambda v: isinstance(v, str), "a string"),
@@ -374,15 +379,25 @@ class TrialStore:
         self.readonly = readonly  # readers (the report) never touch a file a run may be writing
         self.validate = validate
         self._records: dict[str, dict[str, Any]] = {}
+        self._unsynced = False
         self._lock = RunLock(self.path.parent) if lock and not readonly else None
         if self._lock is not None:
             self._lock.acquire()  # before reading: a repair of the last line must not race a writer
         self._load()
 
     def close(self) -> None:
-        """Release the run lock (a writable store); the records stay readable."""
+        """Make the stored lines durable and release the run lock (a writable store); the records stay readable."""
+        self.sync()
         if self._lock is not None:
             self._lock.release()
+
+    def sync(self) -> None:
+        """fsync the lines written since the last sync (a no-op when there are none)."""
+        if not self._unsynced:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            os.fsync(f.fileno())
+        self._unsynced = False
 
     def __enter__(self) -> TrialStore:
         return self
@@ -436,7 +451,8 @@ class TrialStore:
         return self._records.get(key, default)
 
     def put(self, key: str, record: dict[str, Any]) -> None:
-        """Append ``record`` under ``key`` and make it durable before returning.
+        """Append ``record`` under ``key`` in one write, flushed to the kernel before returning
+        (a killed process loses nothing; :meth:`sync` makes it survive a power cut too).
 
         A record the store would skip when reading it back is refused with ``ValueError``.
         """
@@ -447,11 +463,10 @@ class TrialStore:
             raise ValueError(f"not a valid trial record for {self.path}: {problem}")
         line = json.dumps({"key": key, "record": record}, separators=(",", ":"), allow_nan=True) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # One write of one whole line, then fsync: a kill can only ever cut the last line.
+        # One write of one whole line: a kill can only ever cut the last line.
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        self._unsynced = True
         self._records[key] = record
 
     def keys(self) -> list[str]:

@@ -59,10 +59,12 @@ from torch import nn
 
 from . import rundir as rd
 from .config import TrainConfig, check_seed, check_train_options
+from .early_stop import EarlyStop, decide, hoeffding_bound, looks, mean_bound, wilson_bound
+from .formats import IntFormat
 from .sites import engine_of
 from .store import atomic_file
 from .tasks.base import TaskLike, _class_dim, digest, evaluate
-from .wrap import Plan, calibrate, resolve_plan, set_plan, wrap
+from .wrap import Plan, as_spec, calibrate, resolve_plan, set_plan, wrap
 
 __all__ = [
     "BASELINE_FILE",
@@ -73,6 +75,7 @@ __all__ = [
     "Baseline",
     "BaselineAtChance",
     "NonFiniteData",
+    "TrialCache",
     "TrialOptions",
     "TrialOutcome",
     "run_trial",
@@ -187,6 +190,8 @@ class TrialOutcome:
     diverged: bool = False
     wall_time: float = 0.0
     error: str | None = None
+    samples: int | None = None  # validation samples evaluated (post-training)
+    early_stop: dict[str, Any] | None = None  # the early stop's record: samples, of, decision, bound, threshold
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -364,19 +369,31 @@ def _constant_loss(task: TaskLike, log_freq: torch.Tensor, dim: int) -> float:
 
 # ----------------------------------------------------------------------------- trials
 
-def run_trial(task: TaskLike, plan: Plan, options: TrialOptions, baseline: Baseline) -> TrialOutcome:
+def run_trial(task: TaskLike, plan: Plan, options: TrialOptions, baseline: Baseline, *,
+              early_stop: EarlyStop | None = None, cache: TrialCache | None = None) -> TrialOutcome:
     """Evaluate ``plan`` in ``options.mode``; divergence and runtime errors are reported, not raised.
 
     A plan naming no layer of the model raises ``ValueError`` before anything runs.
+    ``early_stop`` (post-training only; a training run always trains to the end) evaluates
+    batch by batch and stops once a confidence bound decides the verdict
+    (:mod:`bitwidth.early_stop`); the outcome then holds the metrics of the samples seen,
+    ``samples`` and the decision in ``early_stop``. ``cache`` (post-training only) reuses
+    one wrapped model, its fp32 calibration and the validation data across the trials of
+    a process: the outcome is the same as without it, bit for bit.
     """
     start = time.perf_counter()
+    if options.mode != "ptq" and early_stop is not None:
+        raise ValueError("early stopping is for post-training trials (mode 'ptq'); a training run trains fully")
     with torch.random.fork_rng(devices=_rng_devices(options.device)):
         torch.manual_seed(options.seed)
-        model = task.build_model(options.seed)
+        if options.mode == "ptq" and cache is not None:
+            model = cache.model(task, options, baseline)
+        else:
+            model = task.build_model(options.seed)
         resolve_plan(model, plan)  # a bad plan is the caller's error: raise it now
         try:
             if options.mode == "ptq":
-                outcome = _ptq(model, task, plan, options, baseline)
+                outcome = _ptq(model, task, plan, options, baseline, early_stop, cache)
             else:
                 outcome = _train_trial(model, task, plan, options, baseline)
         except Exception as err:  # a trial that crashes must not stop a search of hundreds
@@ -386,14 +403,242 @@ def run_trial(task: TaskLike, plan: Plan, options: TrialOptions, baseline: Basel
     return outcome
 
 
-def _ptq(model: nn.Module, task: TaskLike, plan: Plan, options: TrialOptions, baseline: Baseline) -> TrialOutcome:
-    model.load_state_dict(baseline.state_dict)
-    model.to(options.device)
-    wrap(model)
+def _ptq(model: nn.Module, task: TaskLike, plan: Plan, options: TrialOptions, baseline: Baseline,
+         early_stop: EarlyStop | None, cache: TrialCache | None) -> TrialOutcome:
+    if cache is None:
+        model.load_state_dict(baseline.state_dict)
+        model.to(options.device)
+        wrap(model)
     set_plan(model, plan)
-    if options.calib_batches:
-        calibrate(model, [x.to(options.device) for x, _ in task.calib_batches(options.calib_batches)])
-    return TrialOutcome(_evaluate(model, task, options.device))
+    if options.calib_batches and _needs_calibration(plan):
+        if cache is None or not cache.reuse_calibration(model, plan):
+            batches = cache.calib(task, options) if cache is not None else \
+                [x.to(options.device) for x, _ in task.calib_batches(options.calib_batches)]
+            calibrate(model, batches)
+    loss_fn = getattr(task, "loss_fn", TF.cross_entropy)
+    if early_stop is not None:
+        data = cache.val_tensors(task, options.device) if cache is not None else _val_tensors(task, options.device)
+        if data is not None:
+            metrics, info = _evaluate_early(model, data, loss_fn, early_stop, task)
+            return TrialOutcome(metrics, samples=info["samples"], early_stop=info)
+    batches = cache.val_batches(task, options.device) if cache is not None else task.val_batches()
+    metrics = evaluate(model, batches, loss_fn, options.device)
+    return TrialOutcome(metrics, samples=_val_size(task) if cache is None else cache.val_size(task, options.device))
+
+
+def _needs_calibration(plan: Plan) -> bool:
+    """Only integer activations read the calibrated ranges."""
+    return any(isinstance(as_spec(spec).activation, IntFormat) for spec in plan.values())
+
+
+def _val_size(task: TaskLike) -> int:
+    return sum(len(y) for _, y in task.val_batches())
+
+
+# The validation data kept in memory for reuse, at most this many bytes (larger sets stream from the task).
+VAL_CACHE_BYTES = 1 << 29
+
+
+def _val_tensors(task: TaskLike, device: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The validation inputs and targets in one fixed random order (seed 0), or None when the
+    batches cannot be joined (differing shapes) or exceed :data:`VAL_CACHE_BYTES`.
+
+    The order is random so that any prefix is a random sample of the set (what the early
+    stop's bounds assume), and fixed so that every trial sees the same samples first.
+    """
+    xs, ys, size = [], [], 0
+    for x, y in task.val_batches():
+        size += x.nelement() * x.element_size() + y.nelement() * y.element_size()
+        if size > VAL_CACHE_BYTES:
+            return None
+        xs.append(x)
+        ys.append(y)
+    try:
+        x, y = torch.cat(xs), torch.cat(ys)
+    except RuntimeError:  # samples of differing shapes
+        return None
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    return x[order].to(device), y[order].to(device)
+
+
+def _per_sample_loss(loss_fn: Any, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each sample's mean loss over its predictions, (N,): one call where the loss takes
+    ``reduction="none"``, else one call per sample."""
+    try:
+        per = loss_fn(out, y, reduction="none")
+    except TypeError:
+        per = None
+    if per is not None and per.shape[:1] == y.shape[:1]:
+        return per.reshape(len(y), -1).float().mean(1)
+    return torch.stack([loss_fn(out[i:i + 1], y[i:i + 1]).float() for i in range(len(y))])
+
+
+@torch.no_grad()
+def _evaluate_early(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], loss_fn: Any,
+                    stop: EarlyStop, task: TaskLike) -> tuple[dict[str, float], dict[str, Any]]:
+    """Metrics of the first samples of ``data`` and the early stop's record: look after
+    ``looks(N)`` samples, stop at the first decided bound (see :mod:`bitwidth.early_stop`)."""
+    x_all, y_all = data
+    total = len(y_all)
+    batch = max(1, int(getattr(task, "eval_batch_size", 512)))
+    delta = stop.delta(total)
+    was_training = model.training
+    model.eval()
+    correct, preds, loss_sum, seen = 0, 0, 0.0, 0
+    shares: list[torch.Tensor] = []  # per sample: share of right predictions (accuracy) or mean loss
+    scored, decision, bound = True, None, (math.nan, math.nan)
+    try:
+        for target in looks(total, stop.min_samples):
+            while seen < target:
+                x, y = x_all[seen:min(target, seen + batch)], y_all[seen:min(target, seen + batch)]
+                out = model(x)  # (N, C), (N, C, ...) or (B, T, V)
+                loss_sum += float(loss_fn(out, y)) * y.numel()
+                dim = _class_dim(out, y)
+                scored = scored and dim is not None
+                if dim is not None:
+                    right = (out.argmax(dim=dim) == y).reshape(len(y), -1)
+                    correct += int(right.sum())
+                    if stop.metric == "accuracy":
+                        shares.append(right.float().mean(1).cpu())
+                if stop.metric == "loss":
+                    shares.append(_per_sample_loss(loss_fn, out, y).cpu())
+                preds += y.numel()
+                seen += len(y)
+            metrics = {"accuracy": correct / preds if scored else math.nan, "loss": loss_sum / preds}
+            if seen == total or not math.isfinite(metrics[stop.metric]):
+                value = metrics[stop.metric]
+                bound = (value, value)
+                break
+            values = torch.cat(shares).double()
+            if stop.metric == "loss":
+                bound = mean_bound(float(values.mean()), float(values.std()), seen, total, delta)
+            elif y_all.dim() == 1:  # one prediction per sample: a share of successes
+                bound = wilson_bound(float(values.sum()), seen, total, delta)
+            else:
+                bound = hoeffding_bound(float(values.mean()), seen, total, delta)
+            decision = decide(bound, stop)
+            if decision is not None:
+                break
+    finally:
+        model.train(was_training)
+    info = {"samples": seen, "of": total, "decision": decision, "bound": [float(b) for b in bound],
+            **stop.to_dict()}
+    return metrics, info
+
+
+class TrialCache:
+    """What the post-training trials of one process share, built on first use.
+
+    Per seed: the model built, loaded with the baseline's weights and wrapped once (a
+    trial then only sets its plan), the random state a fresh build leaves (restored for
+    every trial, so a reused model draws what a new one would), and the calibration of
+    the fp32 model. That calibration is the one a plan quantizing a single site would
+    compute for it (nothing upstream of the site is quantized), so such plans reuse it
+    (round-to-nearest formats only: stochastic rounding would draw from the random state
+    during calibration). Also the validation data, in memory. Pickling drops all of it:
+    every worker builds its own.
+
+    >>> from bitwidth.tasks import make_task
+    >>> task, opts = make_task("digits_mlp"), TrialOptions(epochs=1)
+    >>> base, cache = train_baseline(task, opts), TrialCache()
+    >>> a = run_trial(task, {"fc1": "int4"}, opts, base, cache=cache).metrics
+    >>> a == run_trial(task, {"fc1": "int4"}, opts, base).metrics
+    True
+    """
+
+    def __init__(self) -> None:
+        self._models: dict[tuple, tuple[nn.Module, torch.Tensor, dict[str, Any], set[str]]] = {}
+        self._val: dict[tuple, Any] = {}
+        self._current: tuple | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def model(self, task: TaskLike, options: TrialOptions, baseline: Baseline) -> nn.Module:
+        """The wrapped model of ``options.seed``; call right after ``torch.manual_seed(seed)``."""
+        key = (id(task), options.seed, options.device, id(baseline.state_dict))
+        if key not in self._models:
+            model = task.build_model(options.seed)
+            rng = torch.get_rng_state()
+            model.load_state_dict(baseline.state_dict)
+            model.to(options.device)
+            wrap(model)
+            calib, once = self._fp32_calibration(model, task, options)
+            self._models[key] = (model, rng, calib, once)
+        model, rng, _, _ = self._models[key]
+        torch.set_rng_state(rng)
+        self._current = key
+        return model
+
+    def _fp32_calibration(self, model: nn.Module, task: TaskLike,
+                          options: TrialOptions) -> tuple[dict[str, Any], set[str]]:
+        """Each site's calibration with nothing quantized, and the sites observed once per forward."""
+        if not options.calib_batches:
+            return {}, set()
+        eng = engine_of(model)
+        counts: dict[str, int] = {}
+
+        def count(site: str, kind: str, x: Any, quantized: bool) -> None:
+            if kind == "activation" and not quantized:
+                counts[site] = counts.get(site, 0) + 1
+
+        batches = self.calib(task, options)
+        eng.taps.append(count)
+        try:
+            calibrate(model, batches)
+        finally:
+            eng.taps.remove(count)
+            eng.refresh()
+        once = {site for site, n in counts.items() if n == len(batches)}
+        return {name: dict(st.calib) for name, st in eng.states.items() if st.calib is not None}, once
+
+    def reuse_calibration(self, model: nn.Module, plan: Plan) -> bool:
+        """Give a single-site, round-to-nearest plan its site's fp32 calibration; False when that would differ."""
+        if self._current is None or len(plan) != 1:
+            return False
+        (site, spec), = plan.items()
+        spec = as_spec(spec)
+        _, _, calib, once = self._models[self._current]
+        formats = [f for f in (spec.weight, spec.activation) if f is not None]
+        if site not in once or site not in calib or any(f.rounding != "nearest" for f in formats):
+            return False
+        eng = engine_of(model)
+        for st in eng.states.values():
+            st.calib = None
+        eng.state(site).calib = dict(calib[site])
+        return True
+
+    def calib(self, task: TaskLike, options: TrialOptions) -> list[torch.Tensor]:
+        key = ("calib", id(task), options.calib_batches, options.device)
+        if key not in self._val:
+            self._val[key] = [x.to(options.device) for x, _ in task.calib_batches(options.calib_batches)]
+        return self._val[key]
+
+    def val_tensors(self, task: TaskLike, device: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        key = ("tensors", id(task), device)
+        if key not in self._val:
+            self._val[key] = _val_tensors(task, device)
+        return self._val[key]
+
+    def val_batches(self, task: TaskLike, device: str) -> Any:
+        key = ("batches", id(task), device)
+        if key not in self._val:
+            batches, size = [], 0
+            for x, y in task.val_batches():
+                size += x.nelement() * x.element_size() + y.nelement() * y.element_size()
+                if size > VAL_CACHE_BYTES:
+                    batches = None
+                    break
+                batches.append((x.to(device), y.to(device)))
+            self._val[key] = batches
+        return task.val_batches() if self._val[key] is None else self._val[key]
+
+    def val_size(self, task: TaskLike, device: str) -> int:
+        batches = self.val_batches(task, device)
+        return sum(len(y) for _, y in batches)
 
 
 def _train_trial(

@@ -55,7 +55,7 @@ def test_all_errors_at_once_with_paths_values_and_suggestions(tmp_path):
     text = str(info.value)
     errors = info.value.errors
     assert len(errors) >= 7, text
-    assert "mode: must be 'ptq' or 'train' (found 'qat')" in text
+    assert "mode: must be 'ptq', 'train' or 'adaptive' (found 'qat')" in text
     assert "train.lr: must be greater than 0 (found -1)" in text
     assert "train.epochz: unknown key; did you mean `epochs`?" in text
     assert "search.candidtes: unknown key; did you mean `candidates`?" in text
@@ -76,7 +76,7 @@ def test_overrides_are_typed_and_validated():
     cfg = load_config(None, ["search.strategy=grid", "search.candidates=[8, 2, 4]", "seeds=[0, 1]",
                              "train.master_weights=quantized"])
     assert cfg.search.strategy == "grid" and cfg.search.candidates == [2, 4, 8] and cfg.seeds == [0, 1]
-    with pytest.raises(ConfigError, match="search.strategy: must be 'grid' or 'bisect'"):
+    with pytest.raises(ConfigError, match="search.strategy: must be 'grid', 'bisect' or 'predict'"):
         load_config(None, ["search.strategy=random"])
     with pytest.raises(ConfigError, match="key=value"):
         apply_overrides({}, ["search.strategy"])

@@ -146,10 +146,10 @@ def test_resume_after_sigkill_redoes_no_stored_trial(mlp, baseline_file, searche
 def test_trial_errors_are_failed_verdicts_and_config_changes_rerun(mlp, baseline_file, tmp_path, monkeypatch):
     real = trial_module.run_trial
 
-    def flaky(task, plan, options, baseline):
+    def flaky(task, plan, options, baseline, **kwargs):
         if any(spec.weight is not None and spec.weight.bits == 2 for spec in plan.values()):
             raise RuntimeError("simulated crash")
-        return real(task, plan, options, baseline)
+        return real(task, plan, options, baseline, **kwargs)
 
     monkeypatch.setattr(trial_module, "run_trial", flaky)
     d = run_dir(baseline_file, tmp_path, "errors")
@@ -217,7 +217,7 @@ def test_several_seeds_judge_the_mean_and_store_one_trial_per_seed(tmp_path):
     ({"mode": "qat"}, "mode: must be 'ptq' or 'train'"),
     ({"kinds": ("bias",)}, r"search.kinds\[0\]: must be 'weight', 'activation' or 'gradient'"),
     ({"kinds": ("gradient",)}, "only in mode 'train'"),
-    ({"strategy": "random"}, "search.strategy: must be 'grid' or 'bisect'"),
+    ({"strategy": "random"}, "search.strategy: must be 'grid', 'bisect' or 'predict'"),
     ({"family": "posit"}, "allowed"),
     ({"layers": "conv9"}, r"matches no site \(sites: 0, 2"),
     ({"seeds": ()}, "seeds"),

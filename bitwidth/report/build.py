@@ -191,6 +191,13 @@ def _answer(ctx: _Context) -> list[Section]:
     return [minimum, Section("The joint plan", "joint-plan", "answer", joint_blocks)]
 
 
+def _deployment(ctx: _Context) -> Section | None:
+    """Simulation vs deployment, once `bitwidth export` has measured the run's plans."""
+    from .deploy import deploy_section
+
+    return deploy_section(ctx.run.path, ctx.metric)
+
+
 # ----------------------------------------------------------------------------- why
 
 
@@ -243,12 +250,17 @@ def _distributions(ctx: _Context) -> Section:
 
 def _stats_figures(recorder: Any, ctx: _Context) -> list[tuple[str, MplFigure, str]]:
     """Histograms and SQNR from :mod:`bitwidth.report.stats_plots`; the tables are computed here."""
-    from ..stats_analysis import sweep
+    from ..families import BLOCK_FAMILIES, make_format
+    from ..stats_analysis import block_effects, sweep
     from . import stats_plots
 
     family, cands = ctx.family or "int", sorted(set(ctx.candidates)) or list(range(2, 9))
-    return stats_plots.report_figures(recorder.to_frame(), recorder.hist_frame(), sweep(recorder, family, cands),
-                                      family=family, candidates=cands)
+    opts = dict(ctx.run.search_config.get("family_options") or {})  # block families' formats depend on them
+    blocks = (block_effects(recorder, [make_format(family, n, **opts) for n in cands])
+              if family in BLOCK_FAMILIES else None)
+    return stats_plots.report_figures(recorder.to_frame(), recorder.hist_frame(),
+                                      sweep(recorder, family, cands, **opts), family=family, candidates=cands,
+                                      blocks=blocks)
 
 
 def _claim(ctx: _Context) -> Section:
@@ -393,6 +405,10 @@ def build_document(run: RunFiles) -> Document:
     >>> [s.title for s in build_document(load_run(tempfile.mkdtemp())).sections]
     ['Nothing to report']
     """
+    if (run.path / rd.SCHEDULE).exists():  # mode adaptive: one training run, its own report
+        from .adaptive import adaptive_document
+
+        return adaptive_document(run)
     ctx = _Context(run)
     cfg = run.search_config
     task = (cfg.get("task") or {}).get("name") or (run.config or {}).get("name") or run.path.name
@@ -402,8 +418,8 @@ def build_document(run: RunFiles) -> Document:
                 f"{run.path} holds no search result (summary.yaml and the other result files) and no recorded "
                 "statistics (stats.pt or stats.csv). Run `bitwidth run CONFIG` first.", "note")])]
         return Document(f"bitwidth: {task}", "distributions of the fp32 baseline", sections)
-    builders: list[Callable[[_Context], Any]] = [_answer, _sensitivity, _distributions, _claim, _curves, _pareto,
-                                                 _metadata]
+    builders: list[Callable[[_Context], Any]] = [_answer, _deployment, _sensitivity, _distributions, _claim, _curves,
+                                                 _pareto, _metadata]
     sections: list[Section] = []
     for build in builders:
         out = build(ctx)

@@ -30,7 +30,7 @@ from ..formats import Format
 from ..stats_analysis import format_range, resolve_format
 from ..wrap import KINDS
 
-__all__ = ["plot_log2_hist", "plot_sqnr_heatmap", "plot_drift", "report_figures"]
+__all__ = ["plot_log2_hist", "plot_sqnr_heatmap", "plot_drift", "plot_block_effects", "report_figures"]
 
 KIND_COLORS = {"weight": "#2f6db5", "activation": "#d1495b", "gradient": "#3a9d5d"}
 FORMAT_COLORS = ("#e07a1f", "#7b4fb3", "#1f9e89", "#c2185b", "#5d4037")
@@ -243,13 +243,56 @@ def plot_drift(stats: pd.DataFrame, stat: str = "absmax", *, kinds: Sequence[str
     return fig
 
 
+def plot_block_effects(effects: pd.DataFrame, *, step: int | None = None, quantized: bool = False) -> Figure:
+    """What block formats do inside their blocks, a row per (layer, kind).
+
+    Left: the fraction of nonzero values flushed to zero (a bar per format). Right: the
+    spread of the per-block scales, log2, from the 5th to the 95th percentile with the
+    median marked. Input: :func:`~bitwidth.stats_analysis.block_effects`.
+
+    >>> eff = pd.DataFrame({"layer": ["fc"], "kind": ["weight"], "format": ["mxfp4"], "n_blocks": [4],
+    ...                     "flush_frac": [0.1], "scale_log2_lo": [-6.0], "scale_log2_mid": [-5.0],
+    ...                     "scale_log2_hi": [-3.0], "spread_octaves": [3.0]})
+    >>> [ax.get_xlabel() for ax in plot_block_effects(eff).axes]
+    ['flushed to zero inside blocks', 'log2 block scale (5th–95th percentile, • median)']
+    """
+    frame = _select(effects, quantized, step).dropna(subset=["flush_frac"])
+    if frame.empty:
+        return _message("no block format effects to plot (nothing recorded for this selection)")
+    rows = list(dict.fromkeys(zip(frame["layer"], frame["kind"], strict=True)))
+    fmts = list(dict.fromkeys(frame["format"]))
+    fig = Figure(figsize=(8.0, 0.32 * len(rows) * max(1, len(fmts)) ** 0.5 + 1.4), dpi=110, layout="constrained")
+    left, right = fig.subplots(1, 2, sharey=True)
+    height = 0.8 / len(fmts)
+    for k, (fmt, color) in enumerate(zip(fmts, FORMAT_COLORS * len(fmts), strict=False)):
+        part = frame[frame["format"] == fmt].set_index(["layer", "kind"])
+        ys = [i + (k - (len(fmts) - 1) / 2) * height for i in range(len(rows))]
+        got = [part.loc[r] if r in part.index else None for r in rows]
+        left.barh(ys, [g["flush_frac"] if g is not None else 0.0 for g in got], height=height, color=color,
+                  label=fmt)
+        for y, g in zip(ys, got, strict=True):
+            if g is not None and math.isfinite(g["scale_log2_lo"]):
+                right.plot([g["scale_log2_lo"], g["scale_log2_hi"]], [y, y], color=color, lw=2)
+                right.plot([g["scale_log2_mid"]], [y], "o", color=color, ms=3)
+    left.set_yticks(range(len(rows)), [f"{layer} · {kind}" for layer, kind in rows], fontsize=7)
+    left.invert_yaxis()
+    left.xaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+    left.set_xlabel("flushed to zero inside blocks", fontsize=8)
+    right.set_xlabel("log2 block scale (5th–95th percentile, • median)", fontsize=8)
+    for ax in (left, right):
+        ax.tick_params(labelsize=7)
+    left.legend(fontsize=7, frameon=False, loc="lower right")
+    return fig
+
+
 def report_figures(stats: pd.DataFrame, hist: pd.DataFrame, errors: pd.DataFrame, *, family: str = "int",
-                   candidates: Sequence[int] = ()) -> list[tuple[str, Figure, str]]:
+                   candidates: Sequence[int] = (), blocks: pd.DataFrame | None = None) -> list[tuple[str, Figure, str]]:
     """The distribution figures of a run report as ``(name, figure, caption)``, from tables.
 
     ``stats``: ``Recorder.to_frame()``; ``hist``: ``Recorder.hist_frame()``; ``errors``:
     :func:`bitwidth.stats_analysis.sweep` of ``family`` over ``candidates`` (the report
-    computes them; plots only draw). Raw data of the first snapshot, with the formats at
+    computes them; plots only draw); ``blocks``: :func:`bitwidth.stats_analysis.block_effects`
+    of a block-format family's candidates, drawn when given. Raw data of the first snapshot, with the formats at
     the smallest and largest candidate, plus the drift of absmax over several snapshots.
 
     >>> import torch
@@ -273,6 +316,11 @@ def report_figures(stats: pd.DataFrame, hist: pd.DataFrame, errors: pd.DataFrame
     out.append(("stats_sqnr", plot_sqnr_heatmap(errors, step=first),
                 f"Signal-to-quantization-noise ratio of {family} formats on each layer's recorded sample, "
                 "in dB (about 6 dB per bit for a uniform grid). Rows that stay dark to the right need more bits."))
+    if blocks is not None and len(blocks):
+        out.append(("stats_blocks", plot_block_effects(blocks, step=first),
+                    "What each block format does inside its blocks: the share of nonzero values flushed to zero "
+                    "because a larger value in their block sets the scale, and how far the per-block scales "
+                    "spread (octaves). Blocks are drawn from each layer's recorded sample."))
     if first is not None and stats["step"].nunique() > 1:
         out.append(("stats_drift", plot_drift(stats, "absmax"),
                     "Largest magnitude per layer over the recorded snapshots: a format chosen at the start "

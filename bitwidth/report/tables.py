@@ -50,6 +50,9 @@ SEARCHED = {
     "fixed_frac": "fraction bits",
     "float": "mantissa bits",
     "float_exp": "exponent bits",
+    "group_int": "bits",
+    "mx": "element bits",
+    "block": "scales per 256 values",
 }
 
 # Distribution statistics set against the minimum bits, with what each one measures.

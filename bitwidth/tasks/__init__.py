@@ -1,10 +1,11 @@
 """Tasks: a seeded model plus its data; ``make_task`` builds one from two names.
 
-``model``: ``digits_mlp``, ``digits_cnn``, ``torchvision:<name>`` (any torchvision
+``model``: ``digits_mlp``, ``digits_cnn``, ``digits_resnet``, ``torchvision:<name>`` (any torchvision
 classifier, adapted to the data's channels and classes), ``tiny_lm`` (a byte-level
 transformer language model, :mod:`bitwidth.tasks.lm`) or ``package.module:callable``
 (see :mod:`bitwidth.tasks.user`). ``data``: ``digits`` (bundled, the default),
-``fakedata``, ``mnist``, ``fashionmnist``, ``cifar10`` (from a local ``root``),
+``mnist1d`` (generated locally by the ``mnist1d`` package,
+:mod:`bitwidth.tasks.mnist1d`), ``fakedata``, ``mnist``, ``fashionmnist``, ``cifar10`` (from a local ``root``),
 ``imagefolder:<path>``, or ``pytext`` (this Python's standard-library source as bytes,
 :mod:`bitwidth.tasks.text`). ``tiny_lm`` takes text data and the other built-in models
 image data. Options go to whichever part accepts them (see ``DATA_OPTIONS`` and
@@ -26,7 +27,7 @@ from typing import Any
 from .base import DataSpec, Task, TaskLike, check_task, evaluate
 from .digits import digits_datasets, load_digits_split
 from .lm import tiny_lm
-from .models import BUILTIN_MODELS, digits_cnn, digits_mlp
+from .models import BUILTIN_MODELS, digits_cnn, digits_mlp, digits_resnet
 from .user import is_import_path
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "check_task",
     "digits_cnn",
     "digits_mlp",
+    "digits_resnet",
     "evaluate",
     "load_data",
     "load_digits_split",
@@ -48,8 +50,9 @@ __all__ = [
     "tiny_lm",
 ]
 
-MODEL_FORMS = ("digits_mlp", "digits_cnn", "torchvision:<name>", "tiny_lm", "package.module:callable")
-DATA_FORMS = ("digits", "fakedata", "mnist", "fashionmnist", "cifar10", "imagefolder:<path>", "pytext")
+MODEL_FORMS = ("digits_mlp", "digits_cnn", "torchvision:<name>", "tiny_lm", "digits_resnet",
+               "package.module:callable")
+DATA_FORMS = ("digits", "fakedata", "mnist", "fashionmnist", "cifar10", "imagefolder:<path>", "pytext", "mnist1d")
 _MODELS = {**BUILTIN_MODELS, "tiny_lm": tiny_lm}
 # The kind of data each built-in takes or gives; every other model and data is "image".
 _TEXT_MODELS, _TEXT_DATA = ("tiny_lm",), ("pytext",)
@@ -57,6 +60,7 @@ _TV_OPTIONS = {"root": "data", "download": False, "train_size": None, "val_size"
 # Every data option with its default; the defaults are what a fingerprint records.
 DATA_OPTIONS: dict[str, dict[str, Any]] = {
     "digits": {"split_seed": 0, "val_fraction": 0.25},
+    "mnist1d": {"num_samples": 5000, "seed": 42},
     "fakedata": {"size": 64, "val_size": 32, "image_size": (3, 32, 32), "num_classes": 10},
     "mnist": _TV_OPTIONS,
     "fashionmnist": _TV_OPTIONS,
@@ -91,6 +95,10 @@ def load_data(data: str = "digits", **options: Any) -> DataSpec:
     if kind == "digits":
         train, val = digits_datasets(opts["split_seed"], opts["val_fraction"])
         return DataSpec(train, val, 1, 10, (8, 8), {"data": "digits", **opts})
+    if kind == "mnist1d":
+        from .mnist1d import load_mnist1d
+
+        return load_mnist1d(**opts)
     if kind == "pytext":
         from .text import load_pytext
 

