@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # What only a GPU can check, as one short run (a few minutes on a fresh machine): the
-# CUDA tests (wrappers on CUDA, fused Triton kernels with in-kernel stochastic noise,
-# recording's tensor-op path with pooling) and the two benchmarks on the device.
+# CUDA tests (wrappers on CUDA; the quantizers on CUDA equal to the eager tensor ops and to
+# the CPU kernels, eager below 2^22 elements and fused by Triton above, with in-kernel
+# stochastic noise; recording's tensor-op path with pooling) and the benchmarks on the
+# device (the quantizers' size sweep beside torch's fake_quantize and torchao).
 #
 #     bash benchmarks/device_check.sh
 set -euo pipefail
@@ -10,4 +12,5 @@ python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; pri
 python -m pip install -q -e ".[test]"
 python -m pytest -q -rs -k cuda tests/
 python benchmarks/bench_formats.py --device cuda --log2n 24 --repeat 5
+python benchmarks/bench_formats.py --device cuda --sweep --repeat 3
 python benchmarks/bench_record.py --device cuda --repeats 5

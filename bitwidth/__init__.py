@@ -11,7 +11,18 @@ from .coverage import Coverage, coverage, sites
 from .export_onnx import ExportSummary, export_onnx
 from .export_torchao import to_torchao
 from .families import make_format
-from .formats import FixedFormat, FloatFormat, Format, IntFormat, format_from_dict, format_to_dict, parse_format
+from .formats import (
+    FixedFormat,
+    FloatFormat,
+    Format,
+    GroupIntFormat,
+    IntFormat,
+    MXFormat,
+    NVFP4Format,
+    format_from_dict,
+    format_to_dict,
+    parse_format,
+)
 from .registry import register_module
 from .result import SearchResult
 from .runner import run_search
@@ -44,6 +55,9 @@ __all__ = [
     "IntFormat",
     "FixedFormat",
     "FloatFormat",
+    "GroupIntFormat",
+    "MXFormat",
+    "NVFP4Format",
     "parse_format",
     "format_from_dict",
     "format_to_dict",

@@ -12,7 +12,8 @@ compiled code on disk: only the first use on a machine compiles (a few seconds).
 
 >>> import numpy as np
 >>> out, mask = np.empty((2, 2), np.float32), np.empty((2, 2), np.bool_)  # two blocks of two, mxfp4
->>> mx(np.array([[1.0, 0.3], [-5.0, 40.0]], np.float32), out, mask, True, 0, 1, 6.0, 2, 0, False)
+>>> mx(np.array([[1.0, 0.3], [-5.0, 40.0]], np.float32), out, mask, True, element_steps(0, 1, 6.0), 0, 1, 6.0,
+...    2, 0, False)
 >>> out.tolist(), mask.tolist()
 ([[1.0, 0.25], [-4.0, 32.0]], [[True, True], [True, True]])
 """
@@ -24,7 +25,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["group_int", "mx", "nvfp4", "round_grid"]
+__all__ = ["element_steps", "group_int", "mx", "nvfp4", "round_grid"]
 
 _F32_MAX = float(np.finfo(np.float32).max)
 
@@ -48,10 +49,39 @@ def round_grid(v: float, emin: int, man: int, top: float) -> float:
     return math.copysign(np.rint(a / step) * step, v)
 
 
+@njit(cache=True, inline="always")
+def _round_elements(row: np.ndarray, steps: np.ndarray, emin: int, top: np.float32) -> None:
+    """Round the float32 values of ``row`` in place onto an element grid, half to even.
+
+    ``steps[e - emin]`` is the grid step of binade ``e``: the binade comes from the
+    float32 exponent bits (no frexp call), which lets the loop vectorize.
+    """
+    bits = row.view(np.int32)
+    last = steps.size - 1
+    for i in range(row.size):
+        y = row[i]
+        a = abs(y)
+        e = min(max(((bits[i] >> 23) & 0xFF) - 127 - emin, 0), last)
+        step = steps[e]
+        q = np.rint(a / step) * step  # exact: power-of-two scaling and an integer
+        q = top if a >= top else q
+        row[i] = y if a != a else math.copysign(q, y)
+
+
+def element_steps(emin: int, man: int, top: float) -> np.ndarray:
+    """The grid step of each binade ``emin..floor(log2 top)`` of an element format, as float32.
+
+    >>> element_steps(0, 1, 6.0).tolist()  # e2m1: steps 0.5, 1, 2
+    [0.5, 1.0, 2.0]
+    """
+    return np.array([2.0 ** (e - man) for e in range(emin, math.floor(math.log2(top)) + 1)], np.float32)
+
+
 @njit(cache=True, parallel=True, nogil=True)
-def mx(b: np.ndarray, out: np.ndarray, mask: np.ndarray, need_mask: bool, emin: int, man: int, top: float,
-       emax: int, mode: int, int8: bool) -> None:
-    """MX blocks: elements with exponents >= ``emin``; ``mode`` 0 floor, 1 ceil, 2 even; ``int8``: MXINT8."""
+def mx(b: np.ndarray, out: np.ndarray, mask: np.ndarray, need_mask: bool, steps: np.ndarray, emin: int,
+       man: int, top: float, emax: int, mode: int, int8: bool) -> None:
+    """MX blocks: element grid ``steps`` from binade ``emin``; ``mode`` 0 floor, 1 ceil, 2 even; ``int8``: MXINT8."""
+    ftop = np.float32(top)
     for r in prange(b.shape[0]):
         amax = np.float32(0.0)
         nan = False
@@ -76,19 +106,26 @@ def mx(b: np.ndarray, out: np.ndarray, mask: np.ndarray, need_mask: bool, emin: 
                 k += 1
             shared = min(max(k - emax, -127), 128)
         scale = np.float32(math.nan) if shared == 128 else np.float32(math.ldexp(1.0, shared))
+        row = out[r]
         for i in range(b.shape[1]):
             y = b[r, i] / scale  # float32, as torch divides
-            if int8:
-                q = np.float32(min(max(np.rint(np.float64(y) * 64.0), -127.0), 127.0) / 64.0) if y == y else y
-            else:
-                q = np.float32(round_grid(np.float64(y), emin, man, top))
-            out[r, i] = q * scale  # float32: a saturated Inf overflows back to Inf, as in torch
+            row[i] = y
             if need_mask:
-                mask[r, i] = abs(y) <= top
+                mask[r, i] = abs(y) <= ftop
+        if int8:  # integer codes: + 0.0 turns a code of -0.0 into 0 (two's complement has no -0)
+            lo, hi, unit, zero = np.float32(-127.0), np.float32(127.0), np.float32(64.0), np.float32(0.0)
+            for i in range(b.shape[1]):
+                y = row[i]
+                row[i] = min(max(np.rint(y * unit) + zero, lo), hi) / unit if y == y else y
+        else:
+            _round_elements(row, steps, emin, ftop)
+        for i in range(b.shape[1]):
+            row[i] = row[i] * scale  # float32: a saturated Inf overflows back to Inf, as in torch
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def nvfp4(b: np.ndarray, out: np.ndarray, mask: np.ndarray, need_mask: bool, pts: np.float32) -> None:
+def nvfp4(b: np.ndarray, out: np.ndarray, mask: np.ndarray, need_mask: bool, pts: np.float32,
+          steps: np.ndarray) -> None:
     """NVFP4 blocks under the per-tensor scale ``pts`` (float32), torchao's float32 operation order."""
     six, one = np.float32(6.0), np.float32(1.0)
     for r in prange(b.shape[0]):
@@ -106,12 +143,15 @@ def nvfp4(b: np.ndarray, out: np.ndarray, mask: np.ndarray, need_mask: bool, pts
         s8 = np.float32(round_grid(np.float64(scaled), -6, 3, 448.0))
         recip = (one / pts) / s8
         scale = pts * s8
+        row = out[r]
         for i in range(b.shape[1]):
             y = b[r, i] * recip
-            yc = min(max(y, -six), six) if y == y else y
-            out[r, i] = np.float32(round_grid(np.float64(yc), 0, 1, 6.0)) * scale
             if need_mask:
                 mask[r, i] = abs(y) <= six
+            row[i] = y
+        _round_elements(row, steps, 0, six)  # saturating at 6 is torchao's clamp
+        for i in range(b.shape[1]):
+            row[i] = row[i] * scale
 
 
 @njit(cache=True, parallel=True, nogil=True)

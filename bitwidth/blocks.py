@@ -27,7 +27,8 @@ Scales (the reference each agrees with, bit for bit on CPU, is in ``tests/test_b
   element's maximum; ``scale_mode`` "ceil" and "even" are torchao's alternatives.
 - NVFP4: e2m1 elements, a per-tensor fp32 scale ``amax / (448 · 6)`` from the tensor's
   largest finite magnitude and an e4m3 scale per block of ``amax_block / 6`` relative to
-  it, with torchao's float32 operation order.
+  it, with torchao's float32 operation order (in float32 for every input dtype: its scales
+  are fp32 by definition).
 
 NaN in a block makes the whole MX or NVFP4 block NaN (its scale is NaN, as in torchao); a
 group-wise integer keeps NaN where it was and ignores NaN/Inf when choosing the scale.
@@ -77,6 +78,7 @@ SCALE_MODES = ("floor", "ceil", "even")
 SCALE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _E4M3_MAX, _E2M1_MAX = 448.0, 6.0
 _E4M3_TINY = 2.0**-6  # torchao clamps NVFP4 block scales to e4m3's smallest normal
+_E2M1_STEPS = K.element_steps(0, 1, _E2M1_MAX)
 
 # blocks, need_mask, may_fuse -> (q, STE mask, scales; None from a fused kernel)
 Core = Callable[[Tensor, bool, bool], tuple[Tensor, Tensor | None, Tensor | None]]
@@ -274,11 +276,13 @@ def _e8m0(amax: Tensor, emax: int, mode: str, man: int) -> Tensor:
 def _mx_core(element: str, scale_mode: str, rounding: str, generator: torch.Generator | None) -> Core:
     exp, man, top = MX_ELEMENTS[element]
     emax = math.floor(math.log2(top))
+    emin = 2 - 2 ** (exp - 1) if element != "int8" else 0  # the smallest normal's exponent
+    steps = K.element_steps(emin, man, top)
 
     def core(b: Tensor, need_mask: bool, may_fuse: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
         if _fusable(b, rounding, may_fuse):
-            return _fused(K.mx, b, need_mask, 2 - 2 ** (max(exp, 1) - 1), man, top, emax,
-                          SCALE_MODES.index(scale_mode), element == "int8")
+            return _fused(K.mx, b, need_mask, steps, emin, man, top, emax, SCALE_MODES.index(scale_mode),
+                          element == "int8")
         amax = b.abs().amax(dim=1, keepdim=True)  # NaN propagates: a block holding NaN is NaN
         scale = torch.exp2(_e8m0(amax, emax, scale_mode, man))  # exact for integral exponents
         y = b / scale
@@ -322,7 +326,8 @@ def quantize_mx(
 # ----------------------------------------------------------------------------- NVFP4
 def _tensor_amax(x: Tensor) -> Tensor:
     """Largest finite magnitude of ``x`` (0 when there is none), in the working precision."""
-    a = x.detach().abs().amax().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    lo, hi = torch.aminmax(x.detach())  # one pass, no |x| temporary
+    a = torch.maximum(-lo, hi).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     if not bool(torch.isfinite(a)):  # one Inf or NaN must not wipe out the whole tensor's scale
         a = torch.where(torch.isfinite(x), x.detach().abs(), 0.0).amax().to(a.dtype)
     return a
@@ -333,7 +338,7 @@ def _nvfp4_core(tensor_amax: Tensor, rounding: str, generator: torch.Generator |
         pts = tensor_amax.to(b.dtype) / (_E4M3_MAX * _E2M1_MAX)
         pts = torch.where(pts > 0, pts, 1.0)  # an all-zero tensor: any scale gives zeros
         if _fusable(b, rounding, may_fuse):
-            return _fused(K.nvfp4, b, need_mask, pts.numpy()[()])
+            return _fused(K.nvfp4, b, need_mask, pts.numpy()[()], _E2M1_STEPS)
         block_scale = b.abs().amax(dim=1, keepdim=True) / _E2M1_MAX
         s8 = F.quantize_float((block_scale / pts).clamp(_E4M3_TINY, _E4M3_MAX), 4, 3, max_value=_E4M3_MAX)
         y = b * ((1.0 / pts) / s8)  # torchao's order of float operations, for bit-exact results
@@ -363,6 +368,8 @@ def quantize_nvfp4(
     F._check_input(x)
     if x.numel() == 0:
         return x.clone()
+    if x.dtype == torch.float64:  # its scales are fp32 by definition: float64 input computes as float32 does
+        return quantize_nvfp4(x.float(), block, axis=axis, rounding=rounding, generator=generator).double()
     return _apply(x, block, axis, _nvfp4_core(_tensor_amax(x), rounding, generator))
 
 

@@ -502,6 +502,10 @@ def _semantic_errors(raw: dict[str, Any]) -> list[str]:
         errors.append(f"search.early_stop: needs one seed (found {len(set(seeds))}): several seeds are judged on "
                       "their mean, which no single trial's bound decides; set search.early_stop: false")
     errors += _policy_errors(raw.get("adaptive"))
+    if raw.get("mode") == "adaptive" and raw.get("variants"):  # the comparison of variants compares searches
+        errors.append("variants: not supported with mode 'adaptive'; run each setting as its own config "
+                      "(the uniform widths and a search's static plan are compared in adaptive.uniform and "
+                      "adaptive.static_plan)")
     task = raw.get("task") if isinstance(raw.get("task"), dict) else {}
     data, model = task.get("data", "digits"), task.get("model", "digits_cnn")
     if isinstance(data, str) and not (data.lower() in DATA_FORMS or data.startswith("imagefolder:")):
@@ -537,6 +541,9 @@ exists only in mode 'train' (the backward pass); use mode: train, or kinds weigh
 
     raw = {"mode": mode, "seeds": plain(seeds), "search": {k: plain(v) for k, v in search.items()}}
     _, errors = _validate(raw)
+    errors = [e for e in errors if not e.startswith("mode: ")]
+    if mode not in ("ptq", "train"):  # a search's modes; 'adaptive' is one training run (bitwidth.adaptive_run)
+        errors.insert(0, f"mode: must be 'ptq' or 'train' (found {_found(mode)})")
     if errors:
         raise ValueError("; ".join(errors))
 

@@ -14,8 +14,9 @@ kernels), and writes beside the run's other files:
   site's output (one validation batch) lies from the simulation's;
 - ``deploy/<plan>.onnx`` and ``deploy/fp32.onnx``.
 
-The simulated metric is a post-training trial of the plan on the baseline weights, with
-the trial's calibration, which the export reuses: the same weights, scales and data.
+The simulated metric is a post-training trial of the plan on the baseline weights (the
+run's first seed), with the trial's calibration, which the export reuses: the same
+weights, scales and data.
 
 >>> PLAN_NAMES
 ('joint', 'uniform')
@@ -354,10 +355,12 @@ def _site_gaps(task: Any, baseline: Any, options: Any, plan: dict[str, QuantSpec
     eng.taps.remove(tap)
     proto = onnx.load(str(path))
     ends = {}
-    for node in proto.graph.node:  # a site's first call ends in its dq node, or its clip after it
-        for site in seen:
-            if node.name in (f"{site}.activation/dq", f"{site}.activation/clip"):
-                ends[site] = node.output[0]
+    for site in seen:  # the output of a site's first call: the one its own nodes do not read
+        mine = [n for n in proto.graph.node if n.name.startswith(f"{site}.activation/")]
+        read = {i for n in mine for i in n.input}
+        last = [o for n in mine for o in n.output if o not in read]
+        if last:
+            ends[site] = last[0]
     have = {o.name for o in proto.graph.output}
     for out in ends.values():
         if out not in have:

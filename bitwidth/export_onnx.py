@@ -40,8 +40,7 @@ import copy
 import dataclasses
 import os
 import warnings
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from .export_graph import BITS, DOMAIN, FLOATS, Site, rewrite
 from .formats import FixedFormat, FloatFormat, Format, IntFormat
 from .sites import engine_of
 from .wrap import Plan, QuantSpec, calibrate, resolve_plan, set_plan, wrap
@@ -58,15 +58,7 @@ from .wrap import Plan, QuantSpec, calibrate, resolve_plan, set_plan, wrap
 __all__ = ["DEFAULT_OPSET", "SITE_COLUMNS", "ExportSummary", "deploy_type", "export_onnx", "onnx_inputs", "require"]
 
 DEFAULT_OPSET = 21  # the first with int4/uint4 (and int16) QuantizeLinear
-_DOMAIN = "bitwidth.export"  # placeholder nodes, replaced before the file is written
-# ONNX's float types: (exp, man, largest finite value), narrowest first.
-_FLOATS = {"float8e4m3fn": (4, 3, 448.0), "float8e5m2": (5, 2, 57344.0), "float16": (5, 10, 65504.0),
-           "bfloat16": (8, 7, float(torch.finfo(torch.bfloat16).max))}
-_BITS = {"int4": 4, "uint4": 4, "int8": 8, "uint8": 8, "int16": 16, "uint16": 16, "float8e4m3fn": 8,
-         "float8e5m2": 8, "float16": 16, "bfloat16": 16, "float32": 32}
 SITE_COLUMNS = ["site", "kind", "simulated", "deployed", "granularity", "exact", "note", "stored_bits"]
-_TORCH_FLOAT = {"float8e4m3fn": torch.float8_e4m3fn, "float8e5m2": torch.float8_e5m2, "float16": torch.float16,
-                "bfloat16": torch.bfloat16}
 
 
 def require(*modules: str, extra: str = "export") -> None:
@@ -106,7 +98,7 @@ def deploy_type(fmt: Format, kind: str = "weight") -> tuple[str, bool]:
         return f"{'' if signed and kind == 'weight' else 'u'}int{width}", fmt.rounding == "nearest"
     if not isinstance(fmt, FloatFormat):  # a format this export does not know
         return "float32", False
-    for name, (exp, man, top) in _FLOATS.items():
+    for name, (exp, man, top) in FLOATS.items():
         if fmt.exp <= exp and fmt.man <= man and fmt.max_value <= top:
             same = (fmt.exp, fmt.man) == (exp, man) and fmt.subnormals
             return name, same and fmt.rounding == "nearest"
@@ -127,71 +119,12 @@ def _note(fmt: Format, dtype: str, exact: bool, kind: str) -> str:
     return "; ".join(notes)
 
 
-@dataclass(eq=False)
-class _Site:
-    """One (site, kind) of the export: what the placeholder node becomes."""
-
-    site: str
-    kind: str
-    base: Format  # the simulated format, rounding to nearest
-    dtype: str
-    exact: bool
-    note: str
-    axis: int | None = None
-    scale: Tensor | None = None  # int formats: per tensor (0-dim) or per channel (1-dim)
-    zero_point: Tensor | None = None
-    stored: Tensor | None = None  # weights: integer codes, or float values in their float type
-    value: Tensor | None = None  # weights: the simulated (dequantized) weight
-
-    def capture_weight(self, w: Tensor, axis: int) -> None:
-        w = w.detach()
-        if isinstance(self.base, FloatFormat):
-            self.value = self.base.quantize(w)
-            self.stored = self.value.to(_TORCH_FLOAT[self.dtype])
-            self.exact = bool(torch.equal(self.stored.float(), self.value.float()))
-            if not self.exact:
-                self.note = f"{self.base.name} weights rounded again to {self.dtype}"
-            return
-        scale, zp = _int_qparams(self.base, w, axis)
-        self.axis = axis if scale.dim() else None
-        shape = [-1 if d == axis else 1 for d in range(w.dim())] if scale.dim() else []
-        s, z = scale.reshape(shape), zp.reshape(shape)
-        lo, hi = _code_range(self.base)
-        self.stored = (torch.round(w.float() / s) + z).clamp(lo, hi)  # as the simulation's integer kernel
-        self.value = ((self.stored - z) * s).to(w.dtype)
-        self.scale, self.zero_point = scale.float(), zp.float()
-
-    def capture_activation(self, qparams: tuple[Tensor, Tensor] | None) -> None:
-        if isinstance(self.base, IntFormat):
-            if qparams is None:
-                raise ValueError(f"{self.site}: activation {self.base.name} has no static range; calibrate first")
-            self.scale, self.zero_point = (t.detach().float().reshape(()) for t in qparams)
-        elif isinstance(self.base, FixedFormat):
-            self.scale, self.zero_point = torch.tensor(2.0**-self.base.frac), torch.tensor(0.0)
-
-
-def _int_qparams(fmt: Format, w: Tensor, axis: int) -> tuple[Tensor, Tensor]:
-    if isinstance(fmt, FixedFormat):
-        return torch.tensor(2.0**-fmt.frac), torch.tensor(0.0)
-    return fmt.qparams(w, axis)
-
-
-def _signed(fmt: Format) -> bool:
-    return isinstance(fmt, FixedFormat) or getattr(fmt, "signed", False)
-
-
-def _code_range(fmt: Format) -> tuple[int, int]:
-    if isinstance(fmt, FixedFormat):
-        return -(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1
-    return fmt.qmin, fmt.qmax
-
-
 class _Emit(torch.autograd.Function):
     """The simulated values in forward; a placeholder node keyed by the site when traced."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, fmt: Any) -> Tensor:  # type: ignore[override]
-        rec: _Site = fmt.site
+        rec: Site = fmt.site
         if rec.kind == "weight":
             return rec.value.clone()  # type: ignore[union-attr]
         state = torch._C._get_tracing_state()
@@ -205,7 +138,7 @@ class _Emit(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g: Any, x: Any, fmt: Any) -> Any:
-        out = g.op(f"{_DOMAIN}::{'Weight' if fmt.site.kind == 'weight' else 'Activation'}", x, key_s=fmt.key)
+        out = g.op(f"{DOMAIN}::{'Weight' if fmt.site.kind == 'weight' else 'Activation'}", x, key_s=fmt.key)
         out.setType(x.type())
         return out
 
@@ -213,7 +146,7 @@ class _Emit(torch.autograd.Function):
 class _Emitting:
     """A format that hands the site engine its (site, kind) record's values: capture, then emit."""
 
-    site: _Site
+    site: Site
     capturing: dict
 
     def quantize(self, x: Tensor, *, axis: int | None = None, qparams: Any = None, **_: Any) -> Tensor:
@@ -226,7 +159,7 @@ class _Emitting:
         return _Emit.apply(x, self)
 
 
-def _emitting(fmt: Format, rec: _Site, capturing: dict) -> Format:
+def _emitting(fmt: Format, rec: Site, capturing: dict) -> Format:
     cls = {IntFormat: _EInt, FixedFormat: _EFixed, FloatFormat: _EFloat}[type(fmt)]
     values = {f.name: getattr(fmt, f.name) for f in dataclasses.fields(fmt)}
     return cls(**values, key=f"{rec.site}|{rec.kind}", site=rec, capturing=capturing)
@@ -304,6 +237,13 @@ def onnx_inputs(example_inputs: Any) -> tuple[Tensor, ...]:
     return args
 
 
+def _cpu(batch: Any) -> Any:
+    """A calibration batch (a tensor, or a tuple whose first item is the input) on the CPU."""
+    if isinstance(batch, Tensor):
+        return batch.cpu()
+    return type(batch)(_cpu(b) for b in batch) if isinstance(batch, (tuple, list)) else batch
+
+
 def _export_plan(model: nn.Module, plan: Plan, capturing: dict) -> tuple[dict[str, QuantSpec], list[dict]]:
     """The plan with every quantized (site, kind) given its own emitting format; rows for the summary."""
     specs, rows = {}, []
@@ -321,10 +261,10 @@ def _export_plan(model: nn.Module, plan: Plan, capturing: dict) -> tuple[dict[st
             dtype, exact = deploy_type(fmt, kind)
             gran = getattr(fmt, "granularity", "tensor") if kind == "weight" else "tensor"
             rows.append({"site": site, "kind": kind, "simulated": fmt.name, "deployed": dtype, "granularity": gran,
-                         "exact": exact, "note": _note(fmt, dtype, exact, kind), "stored_bits": _BITS[dtype]})
+                         "exact": exact, "note": _note(fmt, dtype, exact, kind), "stored_bits": BITS[dtype]})
             if dtype != "float32":
                 base = dataclasses.replace(fmt, rounding="nearest")
-                formats[kind] = _emitting(base, _Site(site, kind, base, dtype, exact, rows[-1]["note"]), capturing)
+                formats[kind] = _emitting(base, Site(site, kind, base, dtype, exact, rows[-1]["note"]), capturing)
         if formats:
             specs[site] = QuantSpec(**formats)
     return specs, rows
@@ -343,8 +283,8 @@ def export_onnx(
 
     ``example_inputs``: a tensor or a tuple of tensors (batch first; the batch size is
     dynamic in the file). ``calib``: batches for :func:`bitwidth.calibrate`, whose static
-    activation ranges the file stores (default: ``example_inputs`` alone). Needs
-    ``pip install 'bitwidth[export]'``.
+    activation ranges the file stores (default: ``example_inputs`` alone). The export runs
+    on a CPU copy of the model. Needs ``pip install 'bitwidth[export]'``.
     """
     require("onnx", "onnxscript")
     if not isinstance(opset, int) or opset < DEFAULT_OPSET:
@@ -353,10 +293,11 @@ def export_onnx(
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"the ONNX file's name must end in .onnx, got {str(path)!r}")
-    m = copy.deepcopy(model).eval().requires_grad_(False)
+    m = copy.deepcopy(model).cpu().eval().requires_grad_(False)  # onnxruntime's CPU provider is the target
+    args = tuple(a.cpu() for a in args)
+    batches = [_cpu(b) for b in calib] if calib is not None else [args[0] if len(args) == 1 else args]
     wrap(m, plan)
-    calibrate(m, list(calib) if calib is not None else [args[0] if len(args) == 1 else args],
-              forward=None if len(args) == 1 else (lambda mod, b: mod(*b)))
+    calibrate(m, batches, forward=None if len(args) == 1 else (lambda mod, b: mod(*b)))
     capturing = {"on": True}
     specs, rows = _export_plan(m, plan, capturing)
     set_plan(m, specs)
@@ -375,7 +316,7 @@ def export_onnx(
         proto = _trace(m, args, opset)
     finally:
         hook.remove()
-    _rewrite(proto, records, opset)
+    rewrite(proto, records, opset)
     path.parent.mkdir(parents=True, exist_ok=True)
     import onnx
 
@@ -401,121 +342,8 @@ def _trace(model: nn.Module, args: tuple[Tensor, ...], opset: int) -> Any:
         warnings.simplefilter("ignore")  # the tracer's and the deprecation warnings say nothing to a user
         torch.onnx.export(model, args, buf, dynamo=False, opset_version=opset, input_names=names,
                           output_names=["output"], dynamic_axes={n: {0: "batch"} for n in [*names, "output"]},
-                          custom_opsets={_DOMAIN: 1}, do_constant_folding=True)
+                          custom_opsets={DOMAIN: 1}, do_constant_folding=True)
     return onnx.load_from_string(buf.getvalue())
-
-
-def _tensor(name: str, dtype: str, data: Tensor) -> Any:
-    """An ONNX initializer of ``dtype`` holding ``data`` (integer codes or values in that type)."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    if dtype in ("int4", "uint4"):
-        kind = TensorProto.INT4 if dtype == "int4" else TensorProto.UINT4
-        return helper.make_tensor(name, kind, list(data.shape), data.to(torch.int64).flatten().tolist())
-    if dtype.startswith(("int", "uint")):
-        return numpy_helper.from_array(data.numpy().astype(dtype), name)
-    if dtype == "float16":
-        return numpy_helper.from_array(data.to(torch.float16).numpy(), name)
-    kind = {"float8e4m3fn": TensorProto.FLOAT8E4M3FN, "float8e5m2": TensorProto.FLOAT8E5M2,
-            "bfloat16": TensorProto.BFLOAT16}[dtype]
-    raw = data.to(_TORCH_FLOAT[dtype]).contiguous().view(torch.uint8 if dtype != "bfloat16" else torch.int16)
-    return helper.make_tensor(name, kind, list(data.shape), raw.numpy().tobytes(), raw=True)
-
-
-def _scalar(name: str, value: float) -> Any:
-    from onnx import numpy_helper
-
-    return numpy_helper.from_array(np.array(value, np.float32), name)
-
-
-def _site_nodes(rec: _Site, x: str, out: str, tag: str, node_tag: str, inits: dict[str, Any]) -> list[Any]:
-    """The nodes of one call of a site, reading ``x`` and writing ``out``; its initializers go into ``inits``."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    def init(proto: Any) -> str:
-        inits.setdefault(proto.name, proto)
-        return proto.name
-
-    if rec.dtype in ("float16", "bfloat16"):  # a cast down and up; a weight stored in that type
-        to = TensorProto.FLOAT16 if rec.dtype == "float16" else TensorProto.BFLOAT16
-        if rec.kind == "weight":
-            stored = init(_tensor(f"{tag}.values", rec.dtype, rec.stored.float()))  # type: ignore[union-attr]
-            return [helper.make_node("Cast", [stored], [out], f"{node_tag}/cast", to=TensorProto.FLOAT)]
-        top = rec.base.max_value  # type: ignore[union-attr]
-        lo, hi = init(_scalar(f"{tag}.min", -top)), init(_scalar(f"{tag}.max", top))
-        return [helper.make_node("Clip", [x, lo, hi], [f"{node_tag}/clipped"], f"{node_tag}/clip"),
-                helper.make_node("Cast", [f"{node_tag}/clipped"], [f"{node_tag}/low"], f"{node_tag}/down", to=to),
-                helper.make_node("Cast", [f"{node_tag}/low"], [out], f"{node_tag}/up", to=TensorProto.FLOAT)]
-    if rec.scale is None:  # float8: scale 1, the float8 grid itself
-        scale = init(_scalar(f"{tag}.scale", 1.0))
-        zero = init(_tensor(f"{tag}.zero_point", rec.dtype, torch.zeros(())))
-    else:
-        scale = init(numpy_helper.from_array(rec.scale.numpy(), f"{tag}.scale"))
-        shift = 2 ** (_BITS[rec.dtype] - 1) if rec.dtype.startswith("u") and _signed(rec.base) else 0
-        zero = init(_tensor(f"{tag}.zero_point", rec.dtype, rec.zero_point + shift))  # type: ignore[operator]
-    if rec.kind == "weight":
-        codes = init(_tensor(f"{tag}.codes", rec.dtype, rec.stored))  # type: ignore[arg-type]
-        axis = {"axis": rec.axis} if rec.axis is not None else {}
-        return [helper.make_node("DequantizeLinear", [codes, scale, zero], [out], f"{node_tag}/dq", **axis)]
-    clip = _clip(rec)
-    nodes = []
-    # Clipping to a grid point commutes with rounding: clip before QuantizeLinear where
-    # onnxruntime fuses it (integers), after DequantizeLinear for float8 (its Clip-Q
-    # fusion cannot read float8 zero points).
-    before = clip is not None and not rec.dtype.startswith("float")
-    dq_out = f"{node_tag}/dq" if clip is not None and not before else out
-    if clip is not None:
-        lo, hi = init(_scalar(f"{tag}.min", clip[0])), init(_scalar(f"{tag}.max", clip[1]))
-    if before:
-        nodes.append(helper.make_node("Clip", [x, lo, hi], [f"{node_tag}/clipped"], f"{node_tag}/clip"))
-        x = f"{node_tag}/clipped"
-    nodes.append(helper.make_node("QuantizeLinear", [x, scale, zero], [f"{node_tag}/q"], f"{node_tag}/q"))
-    nodes.append(helper.make_node("DequantizeLinear", [f"{node_tag}/q", scale, zero], [dq_out], f"{node_tag}/dq"))
-    if dq_out != out:
-        nodes.append(helper.make_node("Clip", [dq_out, lo, hi], [out], f"{node_tag}/clip"))
-    return nodes
-
-
-def _rewrite(proto: Any, records: Mapping[str, _Site], opset: int) -> None:
-    """Replace every placeholder node by its Q/DQ nodes and initializers; drop what is unused."""
-    from onnx import helper
-
-    graph = proto.graph
-    inits: dict[str, Any] = {}
-    nodes: list[Any] = []
-    calls: Counter[str] = Counter()
-    for node in graph.node:
-        if node.domain != _DOMAIN:
-            nodes.append(node)
-            continue
-        key = next(a.s.decode() for a in node.attribute if a.name == "key")
-        rec = records[key]
-        tag = f"{rec.site}.{rec.kind}"
-        node_tag = tag if calls[key] == 0 else f"{tag}.{calls[key]}"  # a site called again (a loop, a shared module)
-        calls[key] += 1
-        nodes += _site_nodes(rec, node.input[0], node.output[0], tag, node_tag, inits)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {i for n in graph.node for i in n.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend([*kept, *inits.values()])
-    opsets = [o for o in proto.opset_import if o.domain not in (_DOMAIN, "")]
-    del proto.opset_import[:]
-    proto.opset_import.extend([helper.make_opsetid("", opset), *opsets])
-
-
-def _clip(rec: _Site) -> tuple[float, float] | None:
-    """The float range to clip to before quantizing, where the stored type is wider than the grid."""
-    if isinstance(rec.base, FloatFormat):
-        top = rec.base.max_value
-        return (-top, top) if top < _FLOATS[rec.dtype][2] else None
-    lo, hi = _code_range(rec.base)
-    width = int(rec.dtype.removeprefix("u").removeprefix("int"))
-    if rec.base.bits == width:
-        return None
-    s, z = float(rec.scale), float(rec.zero_point)  # type: ignore[arg-type]
-    return (lo - z) * s, (hi - z) * s
 
 
 def _check_runtime(path: Path, args: Sequence[Tensor], expected: Any) -> float:

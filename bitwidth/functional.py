@@ -12,6 +12,12 @@ Inputs must be float16, bfloat16, float32 or float64 tensors (anything else rais
 The arithmetic runs in float32, or in float64 for float64 input, so float64 values beyond
 float32's range keep their precision. Empty tensors give empty tensors of the same shape.
 
+On the CPU each quantizer is one compiled pass over memory at every size (numba kernels in
+:mod:`bitwidth.kernels`, compiled once per machine); elsewhere it runs the tensor ops below,
+fused by torch.compile from :data:`FUSE_MIN_NUMEL` elements on. Every path gives the same
+results bit for bit, stochastic rounding included: its noise is a hash of one seed drawn
+from ``generator`` and of each element's index.
+
 >>> import torch
 >>> quantize_fixed(torch.tensor([0.3, 5.0]), bits=4, frac=2)
 tensor([0.2500, 1.7500])
@@ -24,6 +30,7 @@ import math
 import os
 import warnings
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -197,7 +204,9 @@ def _run(fwd, grad, x: Tensor, params: tuple[Tensor, ...], rounding: str, genera
     cpu = _cpu_kernels(x)
     if cpu is not None:
         fwd_c, grad_c = cpu[fwd]
-        arrays = tuple(p.numpy().reshape(-1) for p in params)  # once, for forward and backward
+        # Once, for forward and backward; contiguous, as the kernels were compiled for (a
+        # per-channel zero point broadcast from one number has stride 0).
+        arrays = tuple(np.ascontiguousarray(p.detach().numpy().reshape(-1)) for p in params)
         seed = -1 if noise is None else int(noise)
         if grad_on:
             return _CpuSTE.apply(x, fwd_c, grad_c, arrays, seed, flat_shape)

@@ -28,18 +28,25 @@ array([[[ 0.5, -2. ,  nan]]], dtype=float32)
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import hashlib
 import logging
 import os
+import sys
 from pathlib import Path
 
 import numba
 import numpy as np
+from llvmlite import binding
 from numba import njit
 from numba.core import config as numba_config
 from numba.extending import intrinsic, overload
 
-__all__ = ["CACHE_DIR", "float_backward", "float_forward", "int_backward", "int_forward", "warm"]
+try:
+    import fcntl
+except ImportError:  # not POSIX: concurrent cold starts may each compile
+    fcntl = None
+
+__all__ = ["CACHE_DIR", "KERNELS", "float_backward", "float_forward", "int_backward", "int_forward", "warm"]
 
 log = logging.getLogger("bitwidth.kernels")
 
@@ -260,11 +267,6 @@ def _ready_marker() -> Path:
     numba keys its cache by source content and CPU; the marker's name does too, so a new
     version of this file or another CPU type compiles once again, saying so.
     """
-    import hashlib
-    import sys
-
-    from llvmlite import binding
-
     source = Path(__file__).read_bytes()
     key = f"{numba.__version__}|{sys.version}|{binding.get_host_cpu_name()}|{binding.get_host_cpu_features()}"
     digest = hashlib.sha256(source + key.encode()).hexdigest()[:16]
@@ -289,7 +291,7 @@ def warm() -> None:
         with _compile_lock(marker.parent):
             if not marker.exists():
                 log.warning("bitwidth: compiling the fake-quantization kernels for this machine, once "
-                            "(about 10 s; cached in %s, BITWIDTH_CACHE_DIR overrides)", CACHE_DIR)
+                            "(seconds; cached in %s, BITWIDTH_CACHE_DIR overrides)", CACHE_DIR)
                 for dtype in (np.float32, np.float64):
                     for kernel, args in _examples(dtype):
                         kernel(*args)
@@ -303,8 +305,10 @@ def _compile_lock(directory: Path):
     """An exclusive lock on ``directory/.lock`` across processes (none where the directory cannot be written)."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        handle = open(directory / ".lock", "a")  # noqa: SIM115
+        handle = open(directory / ".lock", "a") if fcntl else None  # noqa: SIM115
     except OSError:
+        handle = None
+    if handle is None:
         yield
         return
     with handle:

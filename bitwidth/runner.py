@@ -128,7 +128,8 @@ class _Evaluator:
     With ``early_stop`` (an error rate; post-training, one seed, an ``accuracy`` or ``loss``
     metric) trials stop as soon as a confidence bound decides them. Their keys name the early
     stop (threshold, error rate), so a full evaluation is never mistaken for one nor one for
-    a full evaluation; a plan already fully evaluated in the store is reused either way.
+    a full evaluation; one that no bound decided ran to the end and is stored as the full
+    evaluation it is, and a plan already fully evaluated in the store is reused either way.
     ``full(plans)`` always evaluates fully (the final joint and uniform plans).
     """
 
@@ -141,6 +142,7 @@ class _Evaluator:
         self.fingerprint = task.fingerprint()
         self.run = self.reused = 0
         self.samples = 0  # validation samples the trials run here evaluated
+        self.alias: dict[str, str] = {}  # early-stop key -> full key, for early trials that ran to the end
         self.phase = ""
         self.planned = 0
         self.stops = _early_stops(options, baselines, criterion, early_stop)
@@ -188,11 +190,13 @@ class _Evaluator:
             items = [todo[k] for k in todo if k not in self.store]
             lost = {}
             for done in self.executor.map_unordered(run_trial_item, self.context, items):
-                key, plan, seed, _ = items[done.index]
+                key, plan, seed, early = items[done.index]
                 if done.lost:
                     lost[key] = done.error or "worker lost"
                     continue
                 outcome = done.value[1] if done.error is None else _failed(done.error)
+                if early and outcome["error"] is None and not (outcome.get("early_stop") or {}).get("decision"):
+                    self.alias[key] = key = self.key(plan, seed)  # it ran to the end: a full evaluation
                 self.store.put(key, {"mode": self.options.mode, "seed": seed, "plan": plan, "outcome": outcome})
                 self.run += 1
                 self.samples += outcome.get("samples") or 0
@@ -220,8 +224,8 @@ class _Evaluator:
 
     def verdict(self, keys: list[str], reused: bool, lost: Mapping[str, str] | None = None) -> Verdict:
         lost = lost or {}
-        outcomes = [_trial.TrialOutcome.from_dict(_failed(lost[k]) if k in lost else self.store.get(k)["outcome"])
-                    for k in keys]
+        outcomes = [_trial.TrialOutcome.from_dict(
+            _failed(lost[k]) if k in lost else self.store.get(self.alias.get(k, k))["outcome"]) for k in keys]
         bases = list(self.baselines.values())
         decisions = [(o.early_stop or {}).get("decision") for o in outcomes]
         if len(outcomes) == 1 and decisions[0] is not None:  # stopped early: the bound decided

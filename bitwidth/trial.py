@@ -411,28 +411,32 @@ def _ptq(model: nn.Module, task: TaskLike, plan: Plan, options: TrialOptions, ba
         wrap(model)
     set_plan(model, plan)
     if options.calib_batches and _needs_calibration(plan):
-        if cache is None or not cache.reuse_calibration(model, plan):
-            batches = cache.calib(task, options) if cache is not None else \
-                [x.to(options.device) for x, _ in task.calib_batches(options.calib_batches)]
-            calibrate(model, batches)
+        if cache is None:
+            calibrate(model, [x.to(options.device) for x, _ in task.calib_batches(options.calib_batches)])
+        elif not cache.reuse_calibration(model, plan):
+            calibrate(model, cache.calib(task, options))
     loss_fn = getattr(task, "loss_fn", TF.cross_entropy)
     if early_stop is not None:
         data = cache.val_tensors(task, options.device) if cache is not None else _val_tensors(task, options.device)
         if data is not None:
             metrics, info = _evaluate_early(model, data, loss_fn, early_stop, task)
             return TrialOutcome(metrics, samples=info["samples"], early_stop=info)
+    seen = [0]
     batches = cache.val_batches(task, options.device) if cache is not None else task.val_batches()
-    metrics = evaluate(model, batches, loss_fn, options.device)
-    return TrialOutcome(metrics, samples=_val_size(task) if cache is None else cache.val_size(task, options.device))
+    metrics = evaluate(model, _counted(batches, seen), loss_fn, options.device)
+    return TrialOutcome(metrics, samples=seen[0])
+
+
+def _counted(batches: Any, seen: list[int]) -> Any:
+    """``batches`` as they are, adding each batch's number of samples to ``seen[0]``."""
+    for x, y in batches:
+        seen[0] += len(y)
+        yield x, y
 
 
 def _needs_calibration(plan: Plan) -> bool:
     """Only integer activations read the calibrated ranges."""
     return any(isinstance(as_spec(spec).activation, IntFormat) for spec in plan.values())
-
-
-def _val_size(task: TaskLike) -> int:
-    return sum(len(y) for _, y in task.val_batches())
 
 
 # The validation data kept in memory for reuse, at most this many bytes (larger sets stream from the task).
@@ -612,18 +616,21 @@ class TrialCache:
         return True
 
     def calib(self, task: TaskLike, options: TrialOptions) -> list[torch.Tensor]:
+        """The calibration inputs, on the device."""
         key = ("calib", id(task), options.calib_batches, options.device)
         if key not in self._val:
             self._val[key] = [x.to(options.device) for x, _ in task.calib_batches(options.calib_batches)]
         return self._val[key]
 
     def val_tensors(self, task: TaskLike, device: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The validation set in the early stop's fixed random order (see :func:`_val_tensors`)."""
         key = ("tensors", id(task), device)
         if key not in self._val:
             self._val[key] = _val_tensors(task, device)
         return self._val[key]
 
     def val_batches(self, task: TaskLike, device: str) -> Any:
+        """The validation batches, on the device, kept when they fit :data:`VAL_CACHE_BYTES`."""
         key = ("batches", id(task), device)
         if key not in self._val:
             batches, size = [], 0
@@ -635,10 +642,6 @@ class TrialCache:
                 batches.append((x.to(device), y.to(device)))
             self._val[key] = batches
         return task.val_batches() if self._val[key] is None else self._val[key]
-
-    def val_size(self, task: TaskLike, device: str) -> int:
-        batches = self.val_batches(task, device)
-        return sum(len(y) for _, y in batches)
 
 
 def _train_trial(

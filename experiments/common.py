@@ -51,7 +51,8 @@ from bitwidth.trial import Baseline, TrialOptions, TrialOutcome, run_trial, trai
 from bitwidth.wrap import QuantSpec
 
 __all__ = [
-    "FAMILY_OF_MODE", "HERE", "MODELS", "ModelSpec", "RESULTS", "RUNS", "Study", "bisect_min", "ensure_run",
+    "FAMILY_OF_MODE", "HERE", "MODELS", "ModelSpec", "RESULTS", "RUNS", "Study", "TrialCache", "bisect_min",
+    "ensure_run",
     "collect", "md_table", "ranked_bits", "save_figure", "seed_summary", "sqnr_bits", "study_from_args", "write_result",
 ]
 
@@ -99,10 +100,13 @@ _LM_CRITERION = {"name": "loss", "max_rise": 0.05}
 MODELS: dict[str, ModelSpec] = {m.name: m for m in [
     ModelSpec("digits_mlp", "mlp", "digits_mlp", train_options={"epochs": 10, "lr": 0.05}),
     ModelSpec("digits_cnn", "cnn", "digits_cnn", train_options={"epochs": 10, "lr": 0.05}),
+    # In train mode the ResNet's stem, first conv of each block, shortcut and head are searched
+    # (15 of its 21 pairs; the second conv of each block left out for time).
     ModelSpec("digits_resnet", "resnet", "digits_resnet", train_options={"epochs": 10, "lr": 0.05},
-              train_mode_options={"epochs": 5}),
+              train_mode_options={"epochs": 4},
+              train_layers=("conv1", "layer1.0.conv1", "layer2.0.conv1", "layer2.0.downsample.0", "fc")),
     # MNIST-1D is harder (fp32 about 60% accuracy) and its runs noisier: 5 points in training mode.
-    # Training-mode trials of it and of the ResNet take 5 epochs, which the time budget allows.
+    # Training-mode trials of it (5 epochs) and of the ResNet (4) are shorter: the time budget.
     ModelSpec("mnist1d_mlp", "mlp", "digits_mlp", "mnist1d", train_options={"epochs": 10, "lr": 0.05},
               train_mode_options={"epochs": 5},
               train_criterion={"name": "converge", "max_drop": 0.05, "loss_tol": 0.5}),
@@ -136,7 +140,8 @@ class Study:
 
 
 def study_from_args(argv: Sequence[str] | None, doc: str, models: Sequence[str] = tuple(MODELS),
-                    quick_models: Sequence[str] = ("digits_mlp",)) -> tuple[Study, Any]:
+                    quick_models: Sequence[str] = ("digits_mlp",),
+                    default_seeds: Sequence[int] = (0, 1, 2)) -> tuple[Study, Any]:
     """Parse the common ``--quick``, ``--out``, ``--runs``, ``--seeds`` arguments into a :class:`Study`."""
     import argparse
 
@@ -144,13 +149,14 @@ def study_from_args(argv: Sequence[str] | None, doc: str, models: Sequence[str] 
     parser.add_argument("--quick", action="store_true", help="a tiny run (seconds) for the smoke test")
     parser.add_argument("--out", type=Path, default=None, help="where the result markdown and figures go")
     parser.add_argument("--runs", type=Path, default=None, help="where run directories are cached")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; quick 0 1)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help=f"seeds (default {' '.join(map(str, default_seeds))}; quick 0 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("BITWIDTH_THREADS", "1")))  # a shared 2-core machine
     quick = args.quick
     study = Study(
         models=tuple(quick_models if quick else models),
-        seeds=tuple(args.seeds or ((0, 1) if quick else (0, 1, 2))),
+        seeds=tuple(args.seeds or ((0, 1) if quick else default_seeds)),
         candidates=QUICK_CANDIDATES if quick else CANDIDATES,
         runs=args.runs or (RUNS / "quick" if quick else RUNS),
         out=args.out or RESULTS,
@@ -258,7 +264,7 @@ def _ensure_run(study: Study, model: str, mode: str, seed: int, d: Path, epochs:
     sq = sweep(rec, family, candidates)[["layer", "kind", "bits", "format", "sqnr_db", "clip_frac",
                                                "flush_frac"]]
 
-    store = _TrialStore(d / "trials.jsonl")
+    store = TrialCache(d / "trials.jsonl")
     criterion = spec.criterion(mode)
     rows = []
     for layer, kind in pairs:
@@ -296,7 +302,7 @@ def _read_run(d: Path, meta: dict[str, Any]) -> dict[str, Any]:
             "meta": meta}
 
 
-class _TrialStore:
+class TrialCache:
     """Append-only JSON lines of ``{key, value}``; the last line of a key wins."""
 
     def __init__(self, path: Path) -> None:

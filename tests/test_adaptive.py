@@ -234,6 +234,8 @@ def test_config_errors_all_at_once_and_exit_2(tmp_path, capsys):
     assert any("adaptive.weight: min_bits (12) must be <= max_bits (8)" in e for e in errors)
     assert any(e.startswith("adaptive.activation: lower_below must be a number in (0, raise_above") for e in errors)
     assert any(e.startswith("adaptive.gradient.raise_above: must be a number in (0, 1)") for e in errors)
+    with pytest.raises(ConfigError, match="variants: not supported with mode 'adaptive'"):
+        load_config(None, ["mode=adaptive", "variants={a: {train.lr: 0.1}}"])
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"mode": "adaptive", "adaptive": {"gradient": {"min_bits": 30, "max_bits": 8}}}))
     assert main(["validate", str(bad)]) == 2

@@ -23,8 +23,16 @@ MX_NAMES = {"e4m3": "mxfp8_e4m3", "e5m2": "mxfp8_e5m2", "e2m3": "mxfp6_e2m3", "e
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bitwise-equal values, NaN equal to NaN."""
-    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+    """Equal values with equal signs (so -0.0 is not 0.0), NaN equal to NaN."""
+    same = ((a == b) & (torch.signbit(a) == torch.signbit(b))) | (a.isnan() & b.isnan())
+    return a.shape == b.shape and bool(same.all())
+
+
+@pytest.fixture(params=["torch", "fused"])
+def path(request, monkeypatch):
+    """Both implementations: the torch code, and the numba kernels of float32 CPU tensors (forced on small ones)."""
+    monkeypatch.setattr(B, "FUSE_MIN_NUMEL", 1 << 62 if request.param == "torch" else 0)
+    return request.param
 
 
 def _adversarial(rows: int = 24, k: int = 128, seed: int = 0) -> torch.Tensor:
@@ -65,7 +73,7 @@ def torchao_mx():
 @pytest.mark.parametrize("mode", B.SCALE_MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("element", list(MX_NAMES))
-def test_mx_equals_torchao_bit_for_bit(torchao_mx, element, dtype, mode):
+def test_mx_equals_torchao_bit_for_bit(torchao_mx, element, dtype, mode, path):
     x = _adversarial().to(dtype)
     ours = parse_format(MX_NAMES[element], scale_mode=mode).quantize(x)
     assert ours.dtype == dtype
@@ -73,7 +81,7 @@ def test_mx_equals_torchao_bit_for_bit(torchao_mx, element, dtype, mode):
 
 
 @pytest.mark.parametrize("block", [16, 64, 128])
-def test_mx_other_blocks_equal_torchao(torchao_mx, block):
+def test_mx_other_blocks_equal_torchao(torchao_mx, block, path):
     x = _adversarial(seed=1)
     assert _same(B.quantize_mx(x, "e2m1", block), torchao_mx(x, "e2m1", block, "floor"))
 
@@ -103,7 +111,7 @@ def test_mx_float32_subnormal_blocks_differ_from_torchao_as_documented(torchao_m
 # ----------------------------------------------------------------------------- NVFP4 vs torchao
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_nvfp4_equals_torchao_bit_for_bit(dtype, seed):
+def test_nvfp4_equals_torchao_bit_for_bit(dtype, seed, path):
     pytest.importorskip("torchao")
     from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
 
@@ -143,7 +151,7 @@ def _group_int_reference(x: torch.Tensor, bits: int, block: int, symmetric: bool
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("block", [16, 32, 128])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_group_int_equals_reference(bits, block, symmetric, scale_dtype):
+def test_group_int_equals_reference(bits, block, symmetric, scale_dtype, path):
     g = torch.Generator().manual_seed(bits * block)
     x = torch.randn(6, 300, generator=g) * torch.exp2(torch.randint(-6, 6, (6, 1), generator=g).float())
     x[0, :block] = 0.0
@@ -192,9 +200,23 @@ def _mxint8_reference(x: torch.Tensor, block: int) -> torch.Tensor:
     return torch.from_numpy(out).reshape(x.shape).float()
 
 
-def test_mxint8_equals_reference():
+def test_mxint8_equals_reference(path):
     x = _adversarial()[10:].contiguous()  # finite rows
     assert torch.equal(parse_format("mxint8").quantize(x), _mxint8_reference(x, 32))
+
+
+@pytest.mark.parametrize("fmt", ["int3_g16", "int4_g32", "mxfp4", "mxfp6_e3m2", "mxfp8_e5m2", "mxint8", "nvfp4"])
+def test_fused_kernels_equal_the_torch_code(fmt, monkeypatch):
+    f = parse_format(fmt, scale_mode="even") if fmt.startswith("mxfp") else parse_format(fmt)
+    if fmt == "int3_g16":
+        f = GroupIntFormat(3, block=16, symmetric=False, scale_dtype="bf16")
+    x = torch.cat([_adversarial(seed=s) for s in range(3)]).requires_grad_()
+    got = {}
+    for name, threshold in (("torch", 1 << 62), ("fused", 0)):
+        monkeypatch.setattr(B, "FUSE_MIN_NUMEL", threshold)
+        q = f.quantize(x)
+        got[name] = (q.detach(), torch.autograd.grad(q.sum(), x)[0])
+    assert _same(got["torch"][0], got["fused"][0]) and torch.equal(got["torch"][1], got["fused"][1])
 
 
 # ----------------------------------------------------------------------------- layout, gradients, rounding
@@ -219,7 +241,7 @@ def test_weights_block_along_the_reduction_dims(fmt):
     assert torch.equal(f.quantize(wt, axis=1), f.quantize(w, axis=0).transpose(0, 1))
 
 
-def test_straight_through_gradient_is_zero_only_where_saturated():
+def test_straight_through_gradient_is_zero_only_where_saturated(path):
     x = torch.tensor([[500.0, 300.0, 1.0, -2.0] + [0.0] * 28]).requires_grad_()
     q = B.quantize_mx(x, "e4m3", 32)  # X = 2**(8 - 8) = 1: 500 saturates to 448
     assert q[0, 0] == 448.0
@@ -237,6 +259,16 @@ def test_stochastic_rounding_is_unbiased_and_reproducible():
     vals = set(q1[0, 1:].tolist())
     assert vals <= {0.25, 0.375} and len(vals) == 2
     assert abs(float(q1[0, 1:].mean()) - 0.3) < 0.005
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "mxfp8_e5m2", "nvfp4", "int4_g32"])
+def test_float64_and_float16_inputs(name):
+    f = parse_format(name)
+    x = _adversarial()[2:].contiguous()  # NaN, Inf and values over 40 octaves, all within float32
+    q64 = f.quantize(x.double())
+    assert q64.dtype == torch.float64 and _same(q64, f.quantize(x).double())  # Inf stays Inf in float64 too
+    h = torch.randn(4, 64, generator=torch.Generator().manual_seed(2)).half()
+    assert _same(f.quantize(h), f.quantize(h.float()).half())
 
 
 def test_empty_and_scalar_tensors():
@@ -347,3 +379,22 @@ def test_search_over_mx_on_digits(tmp_path):
     assert set(mb["min_bits"].dropna()) <= {4, 6, 8}
     costs = result.costs
     assert costs.loc["joint", "memory_bits"] < costs.loc["fp32", "memory_bits"]
+
+
+def test_block_effects_see_outliers_flush_their_blocks():
+    from bitwidth.stats import record
+    from bitwidth.stats_analysis import block_effects
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 8))
+    with torch.no_grad():
+        model[0].weight.mul_(0.01)
+        model[0].weight[:, ::16] = 10.0  # one outlier in every 16 values: in every block
+    with record(model, kinds="weight") as rec:
+        model(torch.randn(2, 256))
+    eff = block_effects(rec, ["mxfp4", "mxfp8_e4m3", "int8_g32"]).set_index("format")
+    assert eff.loc["mxfp4", "flush_frac"] > 0.5  # the outlier's scale (2**1) leaves 0.01 below e2m1's 0.5 step
+    assert eff.loc["mxfp8_e4m3", "flush_frac"] < eff.loc["mxfp4", "flush_frac"]
+    assert eff.loc["mxfp4", "spread_octaves"] == 0  # every block holds an outlier: one scale
+    with pytest.raises(ValueError, match="needs block formats"):
+        block_effects(rec, ["int8"])

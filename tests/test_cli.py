@@ -48,7 +48,7 @@ def test_validate_ok_and_bad_config_exit_2_without_traceback(tmp_path, capsys):
     bad.write_text("search: {candidtes: [2, 4]}\nmode: qat\n")
     res = cli("validate", str(bad))  # the real command, as a user runs it
     assert res.returncode == 2
-    assert "did you mean `candidates`" in res.stderr and "mode: must be 'ptq' or 'train'" in res.stderr
+    assert "did you mean `candidates`" in res.stderr and "mode: must be 'ptq', 'train' or 'adaptive'" in res.stderr
     assert "Traceback" not in res.stderr
     assert main(["run", str(ROOT / "configs/quickstart.yaml"), "--set", "search.strategy=random",
                  "--out", str(tmp_path / "x")]) == 2

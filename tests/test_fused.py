@@ -1,19 +1,17 @@
-"""The fused (torch.compile) kernels used for large tensors give exactly the eager results."""
+"""Every compiled path gives exactly the eager tensor-op results: the numba kernels on the CPU at
+every size, torch.compile's fused kernels on CUDA. Bit for bit, values and gradients; NaN stays
+NaN (which NaN is unspecified: torch's own vector and scalar paths return different ones)."""
 
 import pytest
 import torch
 
 from bitwidth import functional as F
 
-N = 7 * 11 * 54472  # >= FUSE_MIN_NUMEL for the fused path; not a power of two (vector tails)
+# Not multiples of any vector width (vector tails); the largest reaches the fused size on CUDA.
+SMALL, ODD, LARGE = 7 * 13, 7 * 1237, 7 * 11 * 54472
+BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
 
-
-def value_and_grad(fn, x, g):
-    y = fn(x)
-    return y, torch.autograd.grad(y.reshape(-1), x, g)[0]
-
-
-assert N >= F.FUSE_MIN_NUMEL
+assert LARGE >= F.FUSE_MIN_NUMEL
 
 
 def seeded(x):
@@ -23,52 +21,126 @@ def seeded(x):
 
 CASES = {
     "int8": lambda x: F.quantize_int(x, 0.02, 3, -128, 127),
-    "int4_channel": lambda x: F.quantize_int(x.reshape(7, -1), torch.linspace(0.1, 0.5, 7), 0, -8, 7, axis=0),
+    "uint4": lambda x: F.quantize_int(x, 0.3, 0, 0, 15),
+    "int4_channel": lambda x: F.quantize_int(x.reshape(7, -1), torch.linspace(0.1, 0.5, 7), torch.arange(7) - 3,
+                                             -8, 7, axis=0),
+    "int4_channel_last": lambda x: F.quantize_int(x.reshape(-1, 7), torch.linspace(0.1, 0.5, 7), 0, -8, 7, axis=1),
     "fixed12_6": lambda x: F.quantize_fixed(x, 12, 6),
     "e4m3": lambda x: F.quantize_float(x, 4, 3, max_value=448.0),
     "e5m2_nosub": lambda x: F.quantize_float(x, 5, 2, subnormals=False),
+    "e8m23": lambda x: F.quantize_float(x, 8, 23),
     # The noise is hashed from one seed inside the kernel: the same seed, the same values.
     "int8_stochastic": lambda x: F.quantize_int(x, 0.02, 3, -128, 127, rounding="stochastic", generator=seeded(x)),
+    "fixed8_4_stochastic": lambda x: F.quantize_fixed(x, 8, 4, rounding="stochastic", generator=seeded(x)),
     "e4m3_stochastic": lambda x: F.quantize_float(x, 4, 3, rounding="stochastic", generator=seeded(x)),
 }
 
 
-@pytest.mark.skipif(not F._fuse["enabled"], reason="fusion disabled by BITWIDTH_COMPILE=0")
-@pytest.mark.parametrize("case", CASES)
-def test_fused_equals_eager_forward_and_backward(case, monkeypatch):
+def data(n: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.Tensor:
+    """Magnitudes over many binades, both signs, and the special values."""
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=gen) * torch.exp2(torch.randint(-40, 40, (n,), generator=gen).float())
+    x[:7] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, -1e-30, 1e-42])
+    return x.to(device=device, dtype=dtype)
+
+
+def value_and_grad(fn, x, g):
+    x = x.detach().requires_grad_()
+    y = fn(x)
+    return y.detach(), torch.autograd.grad(y.reshape(-1), x, g)[0]
+
+
+def assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
+    nan = a.isnan()
+    assert torch.equal(nan, b.isnan())
+    assert torch.equal(a[~nan].view(BITS[a.dtype]), b[~nan].view(BITS[b.dtype]))
+
+
+def compiled_equals_eager(case: str, x: torch.Tensor, monkeypatch) -> None:
     fn = CASES[case]
-    torch.manual_seed(0)
-    x = (torch.randn(N) * torch.exp2(torch.randint(-12, 6, (N,)).float())).requires_grad_()
-    g = torch.randn(N)
+    g = torch.randn(x.numel(), generator=torch.Generator().manual_seed(1)).to(x)
     y, gx = value_and_grad(fn, x, g)
-    assert F._fuse["cache"], "the fused path was not taken"
-    monkeypatch.setitem(F._fuse, "enabled", False)
-    y_ref, gx_ref = value_and_grad(fn, x, g)
-    assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
+    with monkeypatch.context() as m:
+        m.setitem(F._fuse, "enabled", False)
+        y_ref, gx_ref = value_and_grad(fn, x, g)
+    assert_same_bits(y, y_ref)
+    assert_same_bits(gx, gx_ref)
 
 
-def test_fused_stochastic_rounding_is_unbiased_and_varies_per_call():
-    """In-kernel noise: each element rounds up with probability frac, independently, new per call."""
-    x = torch.full((N,), 1.3)
+needs_compile = pytest.mark.skipif(not F._fuse["enabled"], reason="compiled kernels disabled by BITWIDTH_COMPILE=0")
+
+
+@needs_compile
+@pytest.mark.parametrize("n", [SMALL, ODD], ids=["small", "odd"])
+@pytest.mark.parametrize("case", CASES)
+def test_cpu_kernels_equal_eager_forward_and_backward(case, n, monkeypatch):
+    compiled_equals_eager(case, data(n), monkeypatch)
+    assert F._fuse["cpu"], "the compiled CPU kernels were not taken"
+
+
+@needs_compile
+@pytest.mark.parametrize("case", ["int8", "int4_channel", "e4m3", "int8_stochastic", "e4m3_stochastic"])
+def test_cpu_kernels_equal_eager_on_large_tensors(case, monkeypatch):
+    compiled_equals_eager(case, data(LARGE), monkeypatch)
+
+
+@needs_compile
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["int8", "int4_channel", "e4m3", "e5m2_nosub", "int8_stochastic", "e4m3_stochastic"])
+def test_cpu_kernels_equal_eager_in_every_dtype(case, dtype, monkeypatch):
+    compiled_equals_eager(case, data(ODD, dtype), monkeypatch)
+
+
+@needs_compile
+def test_cpu_kernels_take_non_contiguous_input_and_gradient():
+    x = data(64 * 48).reshape(64, 48).t().requires_grad_()  # a transposed view
+    g = torch.randn(96, 64)[::2]  # a strided gradient
+    y = F.quantize_float(x, 4, 3)
+    y.backward(g)
+    grad = x.grad.clone()
+    assert y.shape == x.shape and y.is_contiguous()
+    x.grad = None
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(F._fuse, "enabled", False)
+        y_ref = F.quantize_float(x, 4, 3)
+        y_ref.backward(g)
+    assert_same_bits(y.detach(), y_ref.detach())
+    assert_same_bits(grad, x.grad)
+
+
+def test_stochastic_rounding_is_unbiased_and_varies_per_call():
+    """Hashed noise: each element rounds up with probability frac, independently, new per call."""
+    n = 1 << 20
+    x = torch.full((n,), 1.3)
     g = torch.Generator().manual_seed(0)
     y1, y2 = (F.quantize_fixed(x, 8, 2, rounding="stochastic", generator=g) for _ in range(2))
     assert sorted(y1.unique().tolist()) == [1.25, 1.5]
     up = (y1 == 1.5).double()
-    assert abs(up.mean().item() - 0.2) < 4 * (0.2 * 0.8 / N) ** 0.5  # P(up) = frac = 0.2
+    assert abs(up.mean().item() - 0.2) < 4 * (0.2 * 0.8 / n) ** 0.5  # P(up) = frac = 0.2
     # Neighbours are independent (a hash of the index, not a sequence with short-range structure).
-    assert abs(torch.corrcoef(torch.stack([up[:-1], up[1:]]))[0, 1].item()) < 4 / N**0.5
-    assert not torch.equal(y1, y2) and abs((y2 == 1.5).double().mean().item() - 0.2) < 4 * (0.16 / N) ** 0.5
+    assert abs(torch.corrcoef(torch.stack([up[:-1], up[1:]]))[0, 1].item()) < 4 / n**0.5
+    assert not torch.equal(y1, y2) and abs((y2 == 1.5).double().mean().item() - 0.2) < 4 * (0.16 / n) ** 0.5
+
+
+def test_stochastic_noise_is_the_same_at_every_size():
+    """One noise definition: an element's noise depends on the seed and its index, not on the tensor's size."""
+    x = torch.full((1 << 16,), 1.3)
+    small = F.quantize_fixed(x[:1000].clone(), 8, 2, rounding="stochastic", generator=torch.Generator().manual_seed(4))
+    big = F.quantize_fixed(x, 8, 2, rounding="stochastic", generator=torch.Generator().manual_seed(4))
+    assert torch.equal(small, big[:1000])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("case", ["int8", "e4m3", "int8_stochastic", "e4m3_stochastic"])
-def test_fused_equals_eager_on_cuda(case, monkeypatch):
-    fn = CASES[case]
-    torch.manual_seed(0)
-    x = (torch.randn(N, device="cuda") * torch.exp2(torch.randint(-12, 6, (N,), device="cuda").float()))
-    x.requires_grad_()
-    g = torch.randn(N, device="cuda")
-    y, gx = value_and_grad(fn, x, g)
-    monkeypatch.setitem(F._fuse, "enabled", False)
-    y_ref, gx_ref = value_and_grad(fn, x, g)
-    assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
+@pytest.mark.parametrize("n", [ODD, LARGE], ids=["eager_size", "fused_size"])
+@pytest.mark.parametrize("case", ["int8", "int4_channel", "fixed12_6", "e4m3", "int8_stochastic",
+                                  "e4m3_stochastic"])
+def test_cuda_equals_eager(case, n, monkeypatch):
+    compiled_equals_eager(case, data(n, device="cuda"), monkeypatch)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", ["int8", "int4_channel", "fixed12_6", "e4m3", "e5m2_nosub"])
+def test_cuda_equals_cpu(case):
+    """The same formats give the same values on CUDA and on the CPU kernels."""
+    x = data(ODD)
+    assert_same_bits(CASES[case](x.cuda()).cpu(), CASES[case](x))

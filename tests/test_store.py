@@ -208,8 +208,9 @@ def holder(run_dir, fork=False):
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(STORE_PY), str(run_dir), "fork" if fork else "-"],
                             stdout=subprocess.PIPE, text=True)
     try:
-        lines = [proc.stdout.readline().split() for _ in range(2 if fork else 1)]
-        pid, child = map(int, next(ln for ln in lines if ln != ["child"]))  # the child's line may come first
+        # The child's "child" may come first, or even inside the parent's line: the two share the pipe.
+        text = " ".join(proc.stdout.readline() for _ in range(2 if fork else 1))
+        pid, child = map(int, text.replace("child", " ").split())
         yield proc, child
     finally:
         for p in (proc.pid, locals().get("child") or 0):

@@ -340,9 +340,15 @@ def _claim_text(dist: pd.DataFrame, corr: pd.DataFrame, ctx: _Context) -> str:
     if "predicted_bits" in dist.columns and dist["predicted_bits"].notna().any():
         both = dist[dist["predicted_bits"].notna() & dist["min_bits"].notna()]
         diff = (both["predicted_bits"] - both["min_bits"]).astype(int)
-        text += (f" The 30 dB SQNR prediction, made from each distribution alone, equals the measured minimum "
-                 f"for {int((diff == 0).sum())} of {len(both)} pairs (more bits for {int((diff > 0).sum())}, "
-                 f"fewer for {int((diff < 0).sum())}).")
+        from ..predict import validation_text
+
+        validated = validation_text(ctx.family or "")
+        text += (f" The calibrated predictor (bitwidth.predict: the fewest bits whose SQNR on the recorded sample "
+                 f"reaches a threshold fitted to measured minima; "
+                 f"{validated or 'not validated for this family: it uses the uncalibrated 30 dB rule'}), made from "
+                 f"each distribution alone, equals the measured minimum for {int((diff == 0).sum())} of {len(both)} "
+                 f"pairs here and is within one bit for {int((diff.abs() <= 1).sum())} (more bits for "
+                 f"{int((diff > 0).sum())}, fewer for {int((diff < 0).sum())}).")
     return text
 
 

@@ -61,7 +61,7 @@ STATISTICS = {
     "kurtosis": "excess kurtosis: tail weight (0 for a Gaussian)",
     "octaves_below_max": "log2(absmax / median nonzero |x|): octaves between the typical and the largest value",
     "dynamic_range": "log2(p99.99 / p1 of nonzero |x|): octaves the bulk of the values spans",
-    "predicted_bits": "fewest bits whose quantization SQNR on the recorded sample reaches 30 dB",
+    "predicted_bits": "bits the calibrated predictor gives: fewest whose SQNR on the sample reaches a fitted threshold",
 }
 
 # Short axis labels for the same statistics.
@@ -70,7 +70,7 @@ STATISTIC_LABELS = {
     "kurtosis": "excess kurtosis",
     "octaves_below_max": "log2(absmax / median |x|)",
     "dynamic_range": "log2(p99.99 / p1 of |x|)",
-    "predicted_bits": "SQNR-predicted bits (30 dB)",
+    "predicted_bits": "predicted bits (calibrated SQNR rule)",
 }
 
 
@@ -206,7 +206,8 @@ def distribution_table(stats: pd.DataFrame, min_bits: pd.DataFrame | None = None
 
     ``stats``: :meth:`Recorder.to_frame` (or ``stats.csv``). With the ``recorder`` the
     histogram statistics (``octaves_below_max``, ``dynamic_range``) are added, and for
-    the ``int`` and ``fixed`` families the SQNR-predicted bits (``predicted_bits``).
+    the ``int`` and ``fixed`` families the bits the calibrated predictor gives
+    (``predicted_bits``, :func:`bitwidth.predict.predict_min_bits`).
 
     >>> st = pd.DataFrame({"layer": ["fc"], "kind": ["weight"], "absmax": [2.0], "std": [0.5],
     ...                    "kurtosis": [0.1], "zero_frac": [0.0]})
@@ -220,9 +221,9 @@ def distribution_table(stats: pd.DataFrame, min_bits: pd.DataFrame | None = None
     if recorder is not None:
         table = table.merge(_hist_stats(_first_step(recorder.hist_frame())), on=["layer", "kind"], how="left")
         if family in ("int", "fixed") and candidates:
-            from ..stats_analysis import predict_min_bits
+            from ..predict import predict_min_bits
 
-            pred = _first_step(predict_min_bits(recorder, family, candidates, sqnr_db=30.0))
+            pred = _first_step(predict_min_bits(recorder, family, candidates))
             table = table.merge(pred[["layer", "kind", "min_bits"]].rename(columns={"min_bits": "predicted_bits"}),
                                 on=["layer", "kind"], how="left")
     if min_bits is not None:
@@ -409,6 +410,9 @@ def meta_table(meta: Mapping[str, Any] | None, summary: Mapping[str, Any],
         ("trials run", counts.get("trials_run", meta.get("trials_run"))),
         ("trials reused", counts.get("trials_reused", meta.get("trials_reused"))),
         ("evaluations", _short(counts["evaluations"]) if counts.get("evaluations") else None),
+        ("trials per pair", counts.get("trials_per_pair")),
+        ("full evaluations per pair", counts.get("full_evaluations_per_pair")),
+        ("early stop", _short(cfg["early_stop"]) if (cfg.get("early_stop") or {}).get("enabled") else None),
         ("bitwidth", meta.get("bitwidth")),
         ("torch", meta.get("torch")),
         ("python", meta.get("python")),
