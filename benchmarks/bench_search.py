@@ -22,8 +22,13 @@ against a bare evaluation of the same quantized model, with a cProfile of the tr
     python benchmarks/bench_search.py --models digits_cnn --profile
     python benchmarks/bench_search.py --keep runs/bench   # keep the run directories (reports, tables)
 
-``aimet-torch`` (its mixed-precision search as an optional row) is not installable on this
-Python 3.11 / torch 2.14 machine (see the README); the row is left out.
+``--aimet`` adds AIMET's automatic mixed precision on digits_cnn (benchmarks/aimet_amp.py:
+the same baseline, integer candidates 2..8 with a layer's weight and activation at one
+width, as AMP groups them, and 1 point of accuracy) as an optional row. aimet-torch goes
+into a virtual environment the benchmark creates (``--aimet-venv``, default beside the run
+directories; it sees this Python's packages, torch included), never into bitwidth's own.
+
+    python benchmarks/bench_search.py --models digits_cnn --aimet --aimet-venv /tmp/aimet_venv
 """
 
 from __future__ import annotations
@@ -31,9 +36,12 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import os
 import pstats
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -101,7 +109,8 @@ def timed_search(task: TaskLike, base_dir: Path, name: str, **config: Any) -> tu
     return time.perf_counter() - start, result
 
 
-def bench_model(name: str, spec: dict[str, Any], tmp: Path, searches: list[str]) -> list[str]:
+def bench_model(name: str, spec: dict[str, Any], tmp: Path,
+                searches: list[str]) -> tuple[list[str], dict[str, tuple[float, SearchResult]]]:
     task = spec["task"]()
     base_dir = tmp / name
     base_dir.mkdir()
@@ -123,7 +132,31 @@ def bench_model(name: str, spec: dict[str, Any], tmp: Path, searches: list[str])
         lines.append(f"| {name} ({counts['pairs']} pairs) | {search} | {counts['full_evaluations_per_pair']:.2f} | "
                      f"{fewer} | {counts['trials_run']} | {wall:.1f} | {same} | "
                      f"{'pass' if joint['passed'] else 'FAIL'} {joint['metric']:.4f} |")
-    return lines
+    return lines, results
+
+
+def aimet_row(base_dir: Path, venv: Path, pairs: int, bisect_samples: int | None) -> str:
+    """AIMET's AMP on digits_cnn from ``base_dir``'s baseline, run in ``venv`` (created and filled here)."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    if subprocess.run([str(python), "-c", "import aimet_torch"], capture_output=True).returncode:
+        install = subprocess.run([str(python), "-m", "pip", "install", "-q", "aimet-torch"],
+                                 capture_output=True, text=True)
+        if install.returncode:
+            why = (install.stderr.strip().splitlines() or ["pip failed"])[-1]
+            return f"| digits_cnn | aimet-torch AMP | not installable here: {why} | | | | | |"
+    script = Path(__file__).with_name("aimet_amp.py")
+    run = subprocess.run([str(python), str(script), str(base_dir), str(base_dir / "aimet_results")],
+                         capture_output=True, text=True)
+    if run.returncode:
+        return f"| digits_cnn | aimet-torch AMP | failed: {(run.stderr.strip().splitlines() or ['?'])[-1]} | | | | | |"
+    amp = json.loads(run.stdout.strip().splitlines()[-1])
+    fewer = f"{bisect_samples / amp['samples']:.2f}x" if bisect_samples else ""
+    passed = "pass" if amp["accuracy"] >= amp["baseline"] - 0.01 else "FAIL"
+    return (f"| digits_cnn ({pairs} pairs) | aimet-torch AMP (w = a per layer) | "
+            f"{amp['samples'] / amp['val_size'] / pairs:.2f} | {fewer} | {amp['evaluations']} | {amp['wall_s']:.1f} "
+            f"| n/a | {passed} {amp['accuracy']:.4f} |")
 
 
 def profile_trial(tmp: Path, repeats: int = 200) -> str:
@@ -211,6 +244,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smaller language model run (less data, 3 epochs)")
     parser.add_argument("--profile", action="store_true", help="also profile one post-training trial")
     parser.add_argument("--keep", type=Path, help="write the run directories here instead of a temporary one")
+    parser.add_argument("--aimet", action="store_true", help="add AIMET's mixed precision on digits_cnn")
+    parser.add_argument("--aimet-venv", type=Path, help="the virtual environment for aimet-torch (made if missing)")
     args = parser.parse_args()
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=False)
@@ -227,7 +262,12 @@ def bench(args: argparse.Namespace, tmp: Path) -> None:
     lines = ["| model | search | full evals / pair | fewer samples than bisect | trials | wall s | minima = grid "
              "| joint plan |", "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |"]
     for name in args.models:
-        lines += bench_model(name, specs[name], tmp, args.searches)
+        rows, results = bench_model(name, specs[name], tmp, args.searches)
+        lines += rows
+        if name == "digits_cnn" and args.aimet:
+            bisect = results.get("bisect")
+            lines.append(aimet_row(tmp / name, args.aimet_venv or tmp / "aimet_venv", len(results[args.searches[0]][1]
+                                   .min_bits), bisect[1].summary["counts"]["samples_run"] if bisect else None))
         print("\n".join(lines), flush=True)
         lines = []
     if args.profile:

@@ -82,6 +82,8 @@ def mx(b: np.ndarray, out: np.ndarray, mask: np.ndarray, need_mask: bool, steps:
        man: int, top: float, emax: int, mode: int, int8: bool) -> None:
     """MX blocks: element grid ``steps`` from binade ``emin``; ``mode`` 0 floor, 1 ceil, 2 even; ``int8``: MXINT8."""
     ftop = np.float32(top)
+    inv_steps = np.float32(1.0) / steps
+    last = steps.size - 1
     for r in prange(b.shape[0]):
         amax = np.float32(0.0)
         nan = False
@@ -106,21 +108,30 @@ def mx(b: np.ndarray, out: np.ndarray, mask: np.ndarray, need_mask: bool, steps:
                 k += 1
             shared = min(max(k - emax, -127), 128)
         scale = np.float32(math.nan) if shared == 128 else np.float32(math.ldexp(1.0, shared))
-        row = out[r]
-        for i in range(b.shape[1]):
-            y = b[r, i] / scale  # float32, as torch divides
-            row[i] = y
-            if need_mask:
-                mask[r, i] = abs(y) <= ftop
+        inv = np.float32(1.0) / scale  # a power of two, exact: y = b * inv equals torch's b / scale
         if int8:  # integer codes: + 0.0 turns a code of -0.0 into 0 (two's complement has no -0)
             lo, hi, unit, zero = np.float32(-127.0), np.float32(127.0), np.float32(64.0), np.float32(0.0)
             for i in range(b.shape[1]):
-                y = row[i]
-                row[i] = min(max(np.rint(y * unit) + zero, lo), hi) / unit if y == y else y
-        else:
-            _round_elements(row, steps, emin, ftop)
+                y = b[r, i] * inv
+                if need_mask:
+                    mask[r, i] = abs(y) <= ftop
+                q = min(max(np.rint(y * unit) + zero, lo), hi) / unit if y == y else y
+                out[r, i] = q * scale
+            continue
+        bits = b[r].view(np.int32)
         for i in range(b.shape[1]):
-            row[i] = row[i] * scale  # float32: a saturated Inf overflows back to Inf, as in torch
+            v = b[r, i]
+            y = v * inv
+            a = abs(y)
+            if need_mask:
+                mask[r, i] = a <= ftop
+            eb = (bits[i] >> 23) & 0xFF
+            # y's binade is v's minus the shared exponent, unless v is a float32 subnormal
+            e = eb - 127 - shared if eb != 0 else math.frexp(np.float64(a))[1] - 1
+            k = min(max(e - emin, 0), last)
+            q = np.rint(a * inv_steps[k]) * steps[k]  # exact: power-of-two scaling and an integer
+            q = ftop if a >= ftop else q
+            out[r, i] = (y if a != a else math.copysign(q, y)) * scale  # a saturated Inf overflows back to Inf
 
 
 @njit(cache=True, parallel=True, nogil=True)

@@ -11,11 +11,11 @@ configuration closest to its formats:
 | int2..int7 weight, int activation (≤ 8 bits) | ``Int8DynamicActivationIntxWeightConfig`` per output channel |
 
 torchao's activations are int8 with a scale per token computed at run time, where the
-simulation used one static scale per tensor, and its sub-8-bit weights have a scale per
-output channel; the summary says so per site. What torchao has no CPU configuration for
+simulation used one static scale per tensor, and its weights have a scale per output
+channel; the summary says so per site. What torchao has no CPU configuration for
 (convolutions, embeddings, attention inputs, float and fixed-point formats, widths above
-8 bits) stays in float and is listed, never dropped silently. Int4's packed
-``Int4WeightOnlyConfig`` needs a GPU kernel library, so int4 uses ``IntxWeightOnlyConfig``.
+8 bits) stays in float and is listed, never dropped silently. The packed
+``Int4WeightOnlyConfig`` needs the ``mslk`` kernel package, so int4 uses ``IntxWeightOnlyConfig``.
 
 >>> import torch
 >>> m, sites = to_torchao(torch.nn.Sequential(torch.nn.Linear(8, 4)), {"0": "int8"})  # doctest: +SKIP
@@ -98,7 +98,7 @@ def to_torchao(model: nn.Module, plan: Plan, *, inplace: bool = False) -> tuple[
             if config is not None and kind == "activation":
                 note = ("int8 with a scale per token computed at run time (simulated: static per tensor)"
                         if "Dynamic" in name else f"torchao weight-only: activation {fmt.name} left in float")
-            elif config is not None and fmt.bits < 8 and getattr(fmt, "granularity", "tensor") == "tensor":
+            elif config is not None and getattr(fmt, "granularity", "tensor") == "tensor":
                 note = "a scale per output channel (simulated: per tensor)"
             gran = "token" if kind == "activation" and "Dynamic" in name else "channel" if config else ""
             stored = 8 if config is not None and kind == "weight" else 32  # int8, or sub-8-bit unpacked to int8

@@ -209,7 +209,7 @@ def _run(fwd, grad, x: Tensor, params: tuple[Tensor, ...], rounding: str, genera
         arrays = tuple(np.ascontiguousarray(p.detach().numpy().reshape(-1)) for p in params)
         seed = -1 if noise is None else int(noise)
         if grad_on:
-            return _CpuSTE.apply(x, fwd_c, grad_c, arrays, seed, flat_shape)
+            return _CpuSTE.apply(x, fwd_c, grad_c, arrays, seed, flat_shape, (grad, params))
         return _cpu_forward(fwd_c, x.reshape(flat_shape), arrays, seed).reshape(x.shape)
     if _fuse["enabled"] and x.numel() >= FUSE_MIN_NUMEL:
         fwd, grad = _kernel(fwd), _kernel(grad)
@@ -256,22 +256,27 @@ _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16,
 class _CpuSTE(torch.autograd.Function):
     """:class:`_STE` on compiled CPU kernels. The parameters travel as NumPy arrays, and the
     kernel's layout stays inside: two reshapes on the graph would cost more than the kernels
-    on 4,096 values."""
+    on 4,096 values. A backward that must itself be differentiable (``create_graph=True``)
+    runs the tensor-op gradient ``eager``, with the same values."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, fwd, grad_fn, arrays: tuple, seed: int, flat_shape) -> Tensor:  # type: ignore[override]
-        ctx.grad_fn, ctx.arrays, ctx.flat_shape = grad_fn, arrays, flat_shape
+    def forward(ctx, x: Tensor, fwd, grad_fn, arrays: tuple, seed: int, flat_shape, eager) -> Tensor:  # type: ignore[override]
+        ctx.grad_fn, ctx.arrays, ctx.flat_shape, ctx.eager = grad_fn, arrays, flat_shape, eager
         ctx.save_for_backward(x)
         return _cpu_forward(fwd, x.reshape(flat_shape), arrays, seed).reshape(x.shape)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         (x,) = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            grad_fn, params = ctx.eager
+            gx = grad_fn(g.reshape(ctx.flat_shape), x.reshape(ctx.flat_shape), *params).reshape(x.shape)
+            return gx, None, None, None, None, None, None
         bits = g.contiguous().view(_BITS[g.dtype]).reshape(ctx.flat_shape)
         out = torch.empty_like(bits)
         xw = x.to(_wd(x)).reshape(ctx.flat_shape).contiguous()
         ctx.grad_fn(bits.numpy(), xw.numpy(), out.numpy(), *ctx.arrays)
-        return out.view(g.dtype).reshape(x.shape), None, None, None, None, None
+        return out.view(g.dtype).reshape(x.shape), None, None, None, None, None, None
 
 
 def _as_param(v: Tensor | float, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -281,11 +286,19 @@ def _as_param(v: Tensor | float, dtype: torch.dtype, device: torch.device) -> Te
     return _number_param(v, math.copysign(1.0, v), dtype, device)
 
 
-@functools.lru_cache(maxsize=1024)
 def _number_param(v: float, sign: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if torch.compiler.is_compiling():  # a traced graph makes its own constants
+        return torch.tensor(v, dtype=dtype, device=device)
+    return _cached_number_param(v, sign, dtype, device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_number_param(v: float, sign: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A number as a 0-dim tensor, made once: building one costs more than quantizing 4,096 values
-    (and a copy to an accelerator). The kernels never write their parameters."""
-    return torch.tensor(v, dtype=dtype, device=device)
+    (and a copy to an accelerator). The kernels never write their parameters. Never an inference
+    tensor, which autograd could not save later."""
+    with torch.inference_mode(False):
+        return torch.tensor(v, dtype=dtype, device=device)
 
 
 # The positive finite range of a scale in each working precision (smallest subnormal to max).

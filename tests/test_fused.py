@@ -108,6 +108,27 @@ def test_cpu_kernels_take_non_contiguous_input_and_gradient():
     assert_same_bits(grad, x.grad)
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
+def test_gradient_of_the_gradient(compiled, monkeypatch):
+    """``create_graph=True``: the straight-through gradient is itself differentiable (in ``g``)."""
+    monkeypatch.setitem(F._fuse, "enabled", compiled and F._fuse["enabled"])
+    x = torch.tensor([0.3, 7.9, 8.5, -8.2], requires_grad=True)  # fixed8_4: range [-8, 7.9375]
+    g = torch.ones(4, requires_grad=True)
+    (gx,) = torch.autograd.grad(F.quantize_fixed(x, 8, 4), x, g, create_graph=True)
+    (gg,) = torch.autograd.grad((gx * torch.arange(4.0)).sum(), g)
+    assert gx.tolist() == [1.0, 1.0, 0.0, 0.0] and gg.tolist() == [0.0, 1.0, 0.0, 0.0]
+
+
+def test_parameters_made_in_inference_mode_serve_autograd_later(monkeypatch):
+    with torch.inference_mode():
+        F.quantize_int(torch.randn(3), 0.1234567, 1, -8, 7)  # makes (and caches) the parameters
+    for compiled in (False, True):
+        monkeypatch.setitem(F._fuse, "enabled", compiled and F._fuse["enabled"])
+        x = torch.randn(3, requires_grad=True)
+        F.quantize_int(x, 0.1234567, 1, -8, 7).sum().backward()
+        assert x.grad is not None
+
+
 def test_stochastic_rounding_is_unbiased_and_varies_per_call():
     """Hashed noise: each element rounds up with probability frac, independently, new per call."""
     n = 1 << 20
