@@ -71,8 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("run_dir")
     exp.add_argument("--to", default="onnx", help="onnx (onnxruntime on the CPU) or torchao (default: onnx)")
     exp.add_argument("--plan", dest="plans", action="append", default=None, metavar="joint|uniform|PATH",
-                     help="the plan to export: joint, uniform or a plan YAML file (repeatable; default: joint and "
-                          "uniform)")
+                     help="the plan to export: joint, uniform or a plan YAML file (repeatable; default: joint and, "
+                          "when a uniform width passed, uniform)")
     exp.add_argument("--out", help="the ONNX file to write (one --plan; default: RUN_DIR/deploy/<plan>.onnx)")
     exp.add_argument("--repeats", type=int, default=20, help="timed batches per latency figure (default: 20)")
     return p
@@ -218,6 +218,10 @@ def _print_answer(result: Any, paths: dict[str, Path]) -> None:
     cov = result.summary.get("coverage")
     if cov:
         print(f"coverage: the search {cov['text']}")
+    if (paths["html"].parent / rd.DEPLOY).exists():  # deploy.to in the config, or an earlier `bitwidth export`
+        from .result import read_csv
+
+        _print_deployed(read_csv(paths["html"].parent / rd.DEPLOY))
     print(f"report: {paths['html']}")
 
 
@@ -251,25 +255,32 @@ def _cmd_report(run_dir: str) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export import TARGETS, deploy_run
-    from .result import format_metric
 
     if args.to not in TARGETS:
         raise UsageError(f"unknown export target {args.to!r}; allowed: {', '.join(TARGETS)}")
     if not Path(args.run_dir).is_dir():
         raise UsageError(f"{args.run_dir}: no such run directory")
-    plans = args.plans or ["joint", "uniform"]
-    table = deploy_run(args.run_dir, to=args.to, plans=plans, out=args.out, repeats=args.repeats,
+    table = deploy_run(args.run_dir, to=args.to, plans=args.plans, out=args.out, repeats=args.repeats,
                        progress=lambda line: print(line, file=sys.stderr, flush=True))
     runtime = "onnxruntime" if args.to == "onnx" else "torchao"
-    for r in table[(table["runtime"] == runtime) & table["plan"].isin([Path(p).stem for p in plans])].itertuples():
+    names = [Path(p).stem for p in args.plans or ("joint", "uniform")]
+    _print_deployed(table[(table["runtime"] == runtime) & table["plan"].isin(names)])
+    print(f"report: {Path(args.run_dir) / rd.REPORT_HTML}")
+    return 0
+
+
+def _print_deployed(table: Any) -> None:
+    """One line per (plan, runtime) of ``deploy.csv``: deployed vs simulated, size, latency."""
+    from .result import format_metric
+
+    for r in table.itertuples():
         gap = f"{r.gap * 100:+.2f} pt" if "acc" in r.metric else f"{r.gap:+.4g}"
-        print(f"{r.plan}: {runtime} {r.metric} {format_metric(r.metric, r.deployed, 2)} (simulated "
-              f"{format_metric(r.metric, r.simulated, 2)}, gap {gap}{'' if r.agrees else ', BEYOND the tolerance'}); "
+        agrees = str(r.agrees) == "True"
+        print(f"{r.plan}: {r.runtime} {r.metric} {format_metric(r.metric, r.deployed, 2)} (simulated "
+              f"{format_metric(r.metric, r.simulated, 2)}, gap {gap}{'' if agrees else ', BEYOND the tolerance'}); "
               f"{r.file_bytes / 1024:.1f} KiB (plan weights {r.plan_weight_bytes / 1024:.1f} KiB); "
               f"{r.latency_ms:.2f} ms per batch of {r.batch_size} vs fp32 {r.fp32_latency_ms:.2f} ms"
               + (f"; {r.path}" if isinstance(r.path, str) and r.path else ""))
-    print(f"report: {Path(args.run_dir) / rd.REPORT_HTML}")
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -234,6 +234,14 @@ class StatsConfig(_Section):
     kinds: list[Literal["weight", "activation", "gradient"]] | None = None  # default: the searched kinds
 
 
+class DeployConfig(_Section):
+    """After the search, export the joint and best uniform plans and measure them in these runtimes
+    (what ``bitwidth export`` does; empty: none)."""
+
+    to: list[Literal["onnx", "torchao"]] = Field(default_factory=list)
+    repeats: Count = 20  # timed batches per latency figure
+
+
 def _open_unit(v: Any) -> Any:
     """A number strictly between 0 and 1 (a relative error), or None (the kind's default)."""
     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1):
@@ -322,6 +330,7 @@ class Config(_Section):
     criterion: CriterionConfig = Field(default_factory=CriterionConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
     adaptive: AdaptiveConfig = Field(default_factory=AdaptiveConfig)
     # Named variants of this config (dotted key -> value), each run into <run dir>/<name>
     # and compared side by side, e.g. nearest vs stochastic rounding.
@@ -506,6 +515,10 @@ def _semantic_errors(raw: dict[str, Any]) -> list[str]:
         errors.append("variants: not supported with mode 'adaptive'; run each setting as its own config "
                       "(the uniform widths and a search's static plan are compared in adaptive.uniform and "
                       "adaptive.static_plan)")
+    deploy = raw.get("deploy") if isinstance(raw.get("deploy"), dict) else {}
+    if raw.get("mode") == "adaptive" and deploy.get("to"):
+        errors.append("deploy.to: mode 'adaptive' finds a schedule, not a plan to deploy; export a searched plan "
+                      "(mode ptq or train), or set deploy.to: []")
     task = raw.get("task") if isinstance(raw.get("task"), dict) else {}
     data, model = task.get("data", "digits"), task.get("model", "digits_cnn")
     if isinstance(data, str) and not (data.lower() in DATA_FORMS or data.startswith("imagefolder:")):

@@ -43,13 +43,30 @@ from . import rundir as rd
 from .result import read_csv
 from .wrap import QuantSpec, plan_from_dict
 
-__all__ = ["DEPLOY_COLUMNS", "PLAN_NAMES", "TARGETS", "OnnxModule", "deploy_run", "load_plan", "measure_latency"]
+__all__ = ["DEPLOY_COLUMNS", "PLAN_NAMES", "TARGETS", "OnnxModule", "check_target", "deploy_run", "load_plan",
+           "measure_latency"]
 
 TARGETS = ("onnx", "torchao")
 PLAN_NAMES = ("joint", "uniform")
 DEPLOY_COLUMNS = ["plan", "runtime", "metric", "simulated", "deployed", "gap", "tolerance", "agrees", "file_bytes",
                   "plan_weight_bytes", "deployed_weight_bytes", "latency_ms", "fp32_latency_ms", "speedup",
                   "batch_size", "threads", "exact_sites", "sites", "path"]
+
+
+def check_target(to: str) -> None:
+    """Raise ``ValueError`` for an unknown target or one whose optional packages are missing.
+
+    >>> check_target("tflite")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown export target 'tflite'; allowed: onnx, torchao
+    """
+    if to not in TARGETS:
+        raise ValueError(f"unknown export target {to!r}; allowed: {', '.join(TARGETS)}")
+    from .export_onnx import require
+
+    require(*(("onnx", "onnxruntime", "onnxscript") if to == "onnx" else ("torchao",)),
+            extra="export" if to == "onnx" else "ao")
 
 
 def load_plan(run_dir: str | os.PathLike[str], which: str) -> dict[str, QuantSpec]:
@@ -84,7 +101,7 @@ def _uniform_plan(run: Path) -> dict[str, QuantSpec]:
     """The best uniform plan as the search evaluated it: its stored trial's plan, formats and all."""
     from .store import TrialStore
 
-    summary = yaml.safe_load((run / rd.SUMMARY).read_text()) if (run / rd.SUMMARY).exists() else None
+    summary = _summary(run)
     if not summary:
         raise ValueError(f"{run} has no {rd.SUMMARY}: not a finished run (run `bitwidth run CONFIG` first)")
     bits = (summary.get("uniform") or {}).get("bits")
@@ -163,7 +180,7 @@ def deploy_run(
     run_dir: str | os.PathLike[str],
     *,
     to: str = "onnx",
-    plans: Sequence[str] = PLAN_NAMES,
+    plans: Sequence[str] | None = None,
     out: str | os.PathLike[str] | None = None,
     repeats: int = 20,
     tolerance: float | None = None,
@@ -172,6 +189,7 @@ def deploy_run(
 ) -> pd.DataFrame:
     """Export and measure ``plans`` of a run (``joint``, ``uniform``, or plan YAML paths) in ``to``.
 
+    ``plans`` default: the joint plan, and the best uniform plan when a uniform width passed.
     ``out``: the ONNX file (one plan only; default ``RUN_DIR/deploy/<plan>.onnx``).
     ``tolerance``: how far the deployed metric may lie from the simulated one before
     the report lists the sites that differ (default: 0.5 points of accuracy, else 1%
@@ -179,17 +197,14 @@ def deploy_run(
     "simulation vs deployment" section. Returns the rows of ``deploy.csv``; a plan that
     cannot be loaded raises ``ValueError`` before anything is exported.
     """
-    if to not in TARGETS:
-        raise ValueError(f"unknown export target {to!r}; allowed: {', '.join(TARGETS)}")
-    from .export_onnx import require
-
-    require(*(("onnx", "onnxruntime", "onnxscript") if to == "onnx" else ("torchao",)),
-            extra="export" if to == "onnx" else "ao")
+    check_target(to)
+    run = Path(run_dir)
+    if plans is None:
+        plans = ["joint", *(["uniform"] if _summary(run).get("uniform", {}).get("bits") is not None else [])]
     if out is not None and (len(plans) != 1 or to != "onnx"):
         raise ValueError("--out names one ONNX file: give exactly one --plan with --to onnx")
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
-    run = Path(run_dir)
     loaded = {name: load_plan(run, name) for name in plans}  # every bad plan fails before any work
     from .store import RunLock
 
@@ -249,9 +264,13 @@ def _deploy(run: Path, loaded: dict[str, dict[str, QuantSpec]], to: str, out: st
     return table
 
 
+def _summary(run: Path) -> dict[str, Any]:
+    """``summary.yaml`` of a run, empty when absent."""
+    return (yaml.safe_load((run / rd.SUMMARY).read_text()) if (run / rd.SUMMARY).exists() else None) or {}
+
+
 def _metric_name(run: Path) -> str:
-    summary = yaml.safe_load((run / rd.SUMMARY).read_text()) if (run / rd.SUMMARY).exists() else {}
-    return str(((summary or {}).get("baseline") or {}).get("metric_name", "accuracy"))
+    return str((_summary(run).get("baseline") or {}).get("metric_name", "accuracy"))
 
 
 def _store(run: Path, name: str, new: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -270,8 +289,7 @@ def _weight_bytes(run: Path, plan: dict[str, QuantSpec], sites: pd.DataFrame) ->
     """The plan's weight memory as simulated (its bits) and as stored (the deployed types), in bytes."""
     from .cost import CostModel, LayerCost
 
-    summary = yaml.safe_load((run / rd.SUMMARY).read_text()) if (run / rd.SUMMARY).exists() else {}
-    layers = (summary or {}).get("layer_costs") or {}
+    layers = _summary(run).get("layer_costs") or {}
     if not layers:
         return {"plan_weight_bytes": math.nan, "deployed_weight_bytes": math.nan}
     costs = CostModel({n: LayerCost(**v) for n, v in layers.items()})

@@ -30,7 +30,6 @@ import math
 import os
 import warnings
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -204,13 +203,13 @@ def _run(fwd, grad, x: Tensor, params: tuple[Tensor, ...], rounding: str, genera
     cpu = _cpu_kernels(x)
     if cpu is not None:
         fwd_c, grad_c = cpu[fwd]
-        # Once, for forward and backward; contiguous, as the kernels were compiled for (a
-        # per-channel zero point broadcast from one number has stride 0).
-        arrays = tuple(np.ascontiguousarray(p.detach().numpy().reshape(-1)) for p in params)
+        # Once, for forward and backward; contiguous (ravel copies where needed), as the kernels
+        # were compiled for: a per-channel zero point broadcast from one number has stride 0.
+        arrays = tuple(p.detach().numpy().ravel() for p in params)
         seed = -1 if noise is None else int(noise)
         if grad_on:
             return _CpuSTE.apply(x, fwd_c, grad_c, arrays, seed, flat_shape, (grad, params))
-        return _cpu_forward(fwd_c, x.reshape(flat_shape), arrays, seed).reshape(x.shape)
+        return _cpu_forward(fwd_c, x, flat_shape, arrays, seed)
     if _fuse["enabled"] and x.numel() >= FUSE_MIN_NUMEL:
         fwd, grad = _kernel(fwd), _kernel(grad)
     xs = x.reshape(flat_shape)
@@ -239,12 +238,16 @@ def _cpu_kernels(x: Tensor) -> dict | None:
     return cpu or None
 
 
-def _cpu_forward(kernel, x: Tensor, arrays: tuple, seed: int) -> Tensor:
-    """Run a compiled CPU forward kernel (``seed`` -1: nearest) on ``x``, in its working precision."""
-    xw = x.detach().to(_wd(x)).contiguous()  # half precision computes in float32, as the tensor ops do
-    out = torch.empty_like(xw)
-    kernel(xw.numpy(), out.numpy(), *arrays, seed)
-    return out.to(x.dtype)
+def _cpu_forward(kernel, x: Tensor, flat_shape, arrays: tuple, seed: int) -> Tensor:
+    """Run a compiled CPU forward kernel (``seed`` -1: nearest) on ``x`` in the kernel's layout ``flat_shape``."""
+    xw = x.detach()
+    if xw.dtype != _wd(xw):
+        xw = xw.float()  # half precision computes in float32, as the tensor ops do
+    xw = xw.contiguous()
+    out = torch.empty(xw.shape, dtype=xw.dtype)
+    # NumPy reshapes of contiguous arrays are views, cheaper than torch's.
+    kernel(xw.numpy().reshape(flat_shape), out.numpy().reshape(flat_shape), *arrays, seed)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 # Gradient kernels copy bits (or zero): they see a gradient as integers of its width, so every
@@ -263,7 +266,7 @@ class _CpuSTE(torch.autograd.Function):
     def forward(ctx, x: Tensor, fwd, grad_fn, arrays: tuple, seed: int, flat_shape, eager) -> Tensor:  # type: ignore[override]
         ctx.grad_fn, ctx.arrays, ctx.flat_shape, ctx.eager = grad_fn, arrays, flat_shape, eager
         ctx.save_for_backward(x)
-        return _cpu_forward(fwd, x.reshape(flat_shape), arrays, seed).reshape(x.shape)
+        return _cpu_forward(fwd, x, flat_shape, arrays, seed)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
@@ -272,11 +275,12 @@ class _CpuSTE(torch.autograd.Function):
             grad_fn, params = ctx.eager
             gx = grad_fn(g.reshape(ctx.flat_shape), x.reshape(ctx.flat_shape), *params).reshape(x.shape)
             return gx, None, None, None, None, None, None
-        bits = g.contiguous().view(_BITS[g.dtype]).reshape(ctx.flat_shape)
-        out = torch.empty_like(bits)
-        xw = x.to(_wd(x)).reshape(ctx.flat_shape).contiguous()
-        ctx.grad_fn(bits.numpy(), xw.numpy(), out.numpy(), *ctx.arrays)
-        return out.view(g.dtype).reshape(x.shape), None, None, None, None, None, None
+        flat = ctx.flat_shape
+        bits = g.contiguous().view(_BITS[g.dtype])
+        out = torch.empty(bits.shape, dtype=bits.dtype)
+        xw = (x.detach() if x.dtype == _wd(x) else x.detach().float()).contiguous()
+        ctx.grad_fn(bits.numpy().reshape(flat), xw.numpy().reshape(flat), out.numpy().reshape(flat), *ctx.arrays)
+        return out.view(g.dtype), None, None, None, None, None, None
 
 
 def _as_param(v: Tensor | float, dtype: torch.dtype, device: torch.device) -> Tensor:

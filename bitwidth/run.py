@@ -160,6 +160,11 @@ def _run_one(cfg: Config, fresh: bool, progress: Callable[[Any], None] | None,
         from .runner import select_layers  # the site patterns, checked before anything trains
 
         select_layers(task.build_model(cfg.seeds[0]), cfg.search.layers, task.example_input())
+        if cfg.deploy.to:  # a missing extra fails now, not after the search
+            from .export import check_target
+
+            for target in cfg.deploy.to:
+                check_target(target)
         if cfg.stats.enabled:
             if progress is not None:
                 from .runner import ProgressEvent
@@ -176,6 +181,12 @@ def _run_one(cfg: Config, fresh: bool, progress: Callable[[Any], None] | None,
                 early_stop=cfg.search.early_stop, early_stop_error=cfg.search.early_stop_error,
             )
         _meta(cfg, run_dir, time.perf_counter() - start, result)
+        if cfg.deploy.to:  # the deployed metric beside the simulated one (what `bitwidth export` does)
+            from .export import deploy_run
+
+            for target in cfg.deploy.to:
+                log.info("deploying the plans in %s", target)
+                deploy_run(run_dir, to=target, repeats=cfg.deploy.repeats, report=False)
         paths = write_report(run_dir)
         log.info("done in %.1f s", time.perf_counter() - start)
     return result, paths

@@ -186,16 +186,14 @@ def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "mlp"
     code = main(["run", str(Path(__file__).parent.parent / "configs/quickstart.yaml"), "--out", str(out),
                  "--set", "task.model=digits_mlp", "--set", "train.epochs=3", "--set", "search.candidates=[4,8]",
-                 "--set", "search.strategy=grid", "--set", "stats.enabled=false", "--quiet"])
+                 "--set", "search.strategy=grid", "--set", "stats.enabled=false", "--set", "deploy.to=[onnx]",
+                 "--set", "deploy.repeats=2", "--quiet"])
     assert code == 0
     return out
 
 
-def test_export_command_measures_joint_and_uniform_plans_into_the_report(run_dir, capsys):
-    assert main(["export", str(run_dir), "--to", "onnx", "--repeats", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "joint: onnxruntime accuracy" in out and "uniform: onnxruntime accuracy" in out
-    table = pd.read_csv(run_dir / "deploy.csv")
+def test_the_run_records_deployed_metrics_and_export_replaces_them(run_dir, capsys):
+    table = pd.read_csv(run_dir / "deploy.csv")  # written by the run itself (deploy.to: [onnx])
     assert list(table["plan"]) == ["joint", "uniform"]
     assert (table["deployed"] - table["simulated"]).abs().max() <= 0.02
     assert (table["latency_ms"] > 0).all() and (table["fp32_latency_ms"] > 0).all()
@@ -205,7 +203,17 @@ def test_export_command_measures_joint_and_uniform_plans_into_the_report(run_dir
     report = (run_dir / "report.md").read_text()
     assert "Simulation vs deployment" in report and "deployed accuracy" in report
     assert main(["export", str(run_dir), "--plan", "joint", "--repeats", "1"]) == 0  # replaces its own rows
+    assert "joint: onnxruntime accuracy" in capsys.readouterr().out
     assert list(pd.read_csv(run_dir / "deploy.csv")["plan"]) == ["uniform", "joint"]
+
+
+def test_deploy_needs_a_searched_plan():
+    from bitwidth.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="deploy.to: mode 'adaptive' finds a schedule"):
+        load_config(None, ["mode=adaptive", "deploy.to=[onnx]"])
+    with pytest.raises(ConfigError, match="deploy.to"):
+        load_config(None, ["deploy.to=[tflite]"])
 
 
 def test_export_usage_errors_exit_2(run_dir, tmp_path, capsys, monkeypatch):
