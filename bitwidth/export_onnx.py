@@ -197,7 +197,7 @@ class ExportSummary:
     ``sites``: ``site, kind, simulated, deployed, granularity, exact, note, stored_bits``;
     ``exact`` is False where the deployed numbers can differ from the simulated ones
     (``note`` says why); ``stored_bits`` is the deployed type's width. ``max_abs_diff``:
-    the largest difference between onnxruntime's output and the simulation's on the
+    the largest difference between onnxruntime's output and the plan's simulation on the
     example input (NaN without onnxruntime).
     """
 
@@ -298,11 +298,13 @@ def export_onnx(
     batches = [_cpu(b) for b in calib] if calib is not None else [args[0] if len(args) == 1 else args]
     wrap(m, plan)
     calibrate(m, batches, forward=None if len(args) == 1 else (lambda mod, b: mod(*b)))
+    with torch.no_grad():
+        expected = m(*args)  # the plan as simulated, which the file is checked against
     capturing = {"on": True}
     specs, rows = _export_plan(m, plan, capturing)
     set_plan(m, specs)
     with torch.no_grad():
-        expected = m(*args)  # the capture pass: every site records its scale, zero point and codes
+        m(*args)  # the capture pass: every site records its scale, zero point and codes
     capturing["on"] = False
     records = {f.key: f.site for s in specs.values() for f in (s.weight, s.activation) if f is not None}
     eng = engine_of(m)
