@@ -99,8 +99,19 @@ def ours(n: int, device: str) -> dict[str, tuple[Callable, Callable]]:
     for name, q in quantizers.items():
         for rounding in ("nearest", "stochastic"):
             label = f"{name} {rounding}"
-            out[label] = (lambda q=q, r=rounding: q(x, r), lambda q=q, r=rounding: q(xg, r).backward(g))
+            out[label] = (lambda q=q, r=rounding: q(x, r), backward(lambda q=q, r=rounding: q(xg, r), xg, g))
     return out
+
+
+def backward(fn: Callable[[], torch.Tensor], x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
+    """Forward and backward of ``fn``, with ``x.grad`` reset first as ``zero_grad()`` does: accumulating
+    into it would time an extra addition (multi-threaded, so erratic on a shared machine)."""
+
+    def run() -> None:
+        x.grad = None
+        fn().backward(g)
+
+    return run
 
 
 def others(n: int, device: str) -> dict[str, tuple[Callable, Callable | None]]:
@@ -110,7 +121,7 @@ def others(n: int, device: str) -> dict[str, tuple[Callable, Callable | None]]:
     out: dict[str, tuple[Callable, Callable | None]] = {
         "torch fake_quantize int8": (
             lambda: torch.fake_quantize_per_tensor_affine(x, SCALE, 0, -128, 127),
-            lambda: torch.fake_quantize_per_tensor_affine(xg, SCALE, 0, -128, 127).backward(g)),
+            backward(lambda: torch.fake_quantize_per_tensor_affine(xg, SCALE, 0, -128, 127), xg, g)),
     }
     try:
         from torchao.quantization.qat import IntxFakeQuantizeConfig, IntxFakeQuantizer
@@ -119,7 +130,7 @@ def others(n: int, device: str) -> dict[str, tuple[Callable, Callable | None]]:
         rows = x.reshape(-1, 64)
         fq(rows)  # its static scales, once
         out["torchao IntxFakeQuantizer int8"] = (
-            lambda: fq(rows), lambda: fq(xg.reshape(-1, 64)).backward(g.reshape(-1, 64)))
+            lambda: fq(rows), backward(lambda: fq(xg.reshape(-1, 64)).reshape(-1), xg, g))
     except ImportError:
         pass
     try:
@@ -129,7 +140,7 @@ def others(n: int, device: str) -> dict[str, tuple[Callable, Callable | None]]:
         iq = IntQuant(narrow_range=False, signed=True, input_view_impl=torch.nn.Identity(),
                       float_to_int_impl=RoundSte(), tensor_clamp_impl=TensorClamp())
         s, z, b = (torch.tensor(v, device=device) for v in (SCALE, 0.0, 8.0))
-        out["Brevitas IntQuant int8"] = (lambda: iq(s, z, b, x), lambda: iq(s, z, b, xg).backward(g))
+        out["Brevitas IntQuant int8"] = (lambda: iq(s, z, b, x), backward(lambda: iq(s, z, b, xg), xg, g))
     except ImportError:
         pass
     try:

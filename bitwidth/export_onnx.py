@@ -10,6 +10,9 @@ simulation used. The export then writes:
 - weights as integer (or float8/float16) initializers feeding a ``DequantizeLinear``
   (per tensor, or per channel with ``axis``), never as floats;
 - activations as ``QuantizeLinear`` → ``DequantizeLinear`` with static scales;
+- group-wise integer weights (``int4_g128``, symmetric or not) as blocked
+  ``DequantizeLinear`` (``block_size``, opset 21): integer codes, one scale per block
+  in the format's ``scale_dtype`` (and a zero point per block, asymmetric);
 - fixed point as integers with the power-of-two scale ``2**-frac``;
 - ``e4m3`` / ``e5m2`` as ``float8e4m3fn`` / ``float8e5m2``, ``fp16`` / ``bf16`` as casts.
 
@@ -19,7 +22,11 @@ wider one, **keeping the simulated grid**: an ``int3`` weight is int4 codes in -
 (Brevitas' QCDQ), so the deployed numbers are the simulated ones. Float formats without
 an ONNX type run in the nearest wider one, which changes their grid: the summary marks
 those sites ``exact=False``, as it does rounding ``stochastic`` (deployed to nearest) and
-integers wider than 16 bits (left in float32). Gradient formats belong to training and
+integers wider than 16 bits (left in float32). Block-scaled formats ONNX cannot run stay
+float32 too, with a note: group-wise integer activations (their scales are computed per
+block at run time, which no ONNX quantize operator does) and OCP MX and NVFP4 (onnxruntime's
+CPU provider has no ``DequantizeLinear`` or ``Cast`` kernel for ``float4e2m1``, nor a
+``DequantizeLinear`` taking ``float8e8m0`` scales). Gradient formats belong to training and
 are not part of an inference graph.
 
 The export uses the TorchScript-based path of ``torch.onnx.export`` (``dynamo=False``): it
@@ -50,8 +57,8 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .export_graph import BITS, DOMAIN, FLOATS, Site, rewrite
-from .formats import FixedFormat, FloatFormat, Format, IntFormat
+from .export_graph import BITS, DOMAIN, FLOATS, SCALE_TYPES, Site, rewrite
+from .formats import BLOCK_FORMATS, FixedFormat, FloatFormat, Format, GroupIntFormat, IntFormat, MXFormat
 from .sites import engine_of
 from .wrap import Plan, QuantSpec, calibrate, resolve_plan, set_plan, wrap
 
@@ -76,7 +83,9 @@ def require(*modules: str, extra: str = "export") -> None:
 def deploy_type(fmt: Format, kind: str = "weight") -> tuple[str, bool]:
     """The ONNX type a ``kind``'s format is stored in, and whether its simulated grid survives unchanged.
 
-    Integers and fixed point go to the narrowest of (u)int4/8/16 holding them, grid kept.
+    Integers and fixed point go to the narrowest of (u)int4/8/16 holding them, grid kept;
+    so do group-wise integer weights (signed codes, blocked scales), while group-wise
+    activations and MX/NVFP4 have no ONNX form onnxruntime runs (``float32``).
     Activations take unsigned types of 8 bits at least, a signed grid shifted by the zero
     point (the same numbers): onnxruntime has no 4-bit activation kernels, its Relu/Clip
     fusions misread 4-bit zero points, and its int8-to-uint8 activation rewrite breaks
@@ -88,7 +97,13 @@ def deploy_type(fmt: Format, kind: str = "weight") -> tuple[str, bool]:
     (('int4', True), ('uint8', True), ('int16', True))
     >>> deploy_type(FloatFormat(2, 3, max_value=7.5))
     ('float8e4m3fn', False)
+    >>> deploy_type(GroupIntFormat(3, block=32)), deploy_type(GroupIntFormat(4), "activation")
+    (('int4', True), ('float32', False))
     """
+    if isinstance(fmt, GroupIntFormat):
+        if kind != "weight":
+            return "float32", False
+        return f"int{next(w for w in (4, 8, 16) if fmt.bits <= w)}", fmt.rounding == "nearest"
     if isinstance(fmt, (IntFormat, FixedFormat)):
         signed = getattr(fmt, "signed", True)
         widths = (4, 8, 16) if kind == "weight" else (8, 16)
@@ -105,11 +120,28 @@ def deploy_type(fmt: Format, kind: str = "weight") -> tuple[str, bool]:
     return "float32", False
 
 
+def _float_note(fmt: Format) -> str:
+    """Why ``fmt`` stays float32 in the file."""
+    if isinstance(fmt, GroupIntFormat):  # only activations get here: weights have their blocked form
+        return (f"{fmt.name} activations take per-block scales computed at run time, which no ONNX quantize "
+                f"operator does: left in float32")
+    if isinstance(fmt, BLOCK_FORMATS):  # MX or NVFP4: what onnxruntime 1.32's CPU provider lacks
+        element = fmt.element if isinstance(fmt, MXFormat) else "e2m1"
+        e8m0 = "onnxruntime (CPU) has no DequantizeLinear taking float8e8m0 (E8M0) scales"
+        why = [e8m0] if isinstance(fmt, MXFormat) else []
+        if element == "e2m1":
+            why.append("onnxruntime (CPU) has no DequantizeLinear or Cast kernel for float4e2m1")
+        elif element in ("e2m3", "e3m2"):
+            why.append(f"ONNX has no {element} type")
+        return f"{'; '.join(why)}: {fmt.name} left in float32"
+    return f"no ONNX type holds {fmt.name}: left in float32"
+
+
 def _note(fmt: Format, dtype: str, exact: bool, kind: str) -> str:
     if dtype == "float32":
-        return f"no ONNX type holds {fmt.name}: left in float32"
+        return _float_note(fmt)
     notes = []
-    if isinstance(fmt, (IntFormat, FixedFormat)) and fmt.bits not in (4, 8, 16):
+    if isinstance(fmt, (IntFormat, FixedFormat, GroupIntFormat)) and fmt.bits not in (4, 8, 16):
         notes.append(f"{fmt.name} grid kept in {dtype} storage")
     if isinstance(fmt, FloatFormat) and not exact and fmt.rounding == "nearest":
         notes.append(f"{fmt.name} runs as {dtype}" + (": values stored exactly" if kind == "weight" else
@@ -160,7 +192,7 @@ class _Emitting:
 
 
 def _emitting(fmt: Format, rec: Site, capturing: dict) -> Format:
-    cls = {IntFormat: _EInt, FixedFormat: _EFixed, FloatFormat: _EFloat}[type(fmt)]
+    cls = {IntFormat: _EInt, FixedFormat: _EFixed, FloatFormat: _EFloat, GroupIntFormat: _EGroupInt}[type(fmt)]
     values = {f.name: getattr(fmt, f.name) for f in dataclasses.fields(fmt)}
     return cls(**values, key=f"{rec.site}|{rec.kind}", site=rec, capturing=capturing)
 
@@ -190,13 +222,21 @@ class _EFloat(_Emitting, FloatFormat):
     capturing: Any = _extra()
 
 
+@dataclass(frozen=True)
+class _EGroupInt(_Emitting, GroupIntFormat):
+    key: str = ""
+    site: Any = _extra()
+    capturing: Any = _extra()
+
+
 @dataclass
 class ExportSummary:
     """What an export wrote: the file, and per (site, kind) the simulated and the deployed format.
 
     ``sites``: ``site, kind, simulated, deployed, granularity, exact, note, stored_bits``;
     ``exact`` is False where the deployed numbers can differ from the simulated ones
-    (``note`` says why); ``stored_bits`` is the deployed type's width. ``max_abs_diff``:
+    (``note`` says why); ``stored_bits`` is the deployed type's width (plus, for a group-wise
+    weight, its block's scale and zero point shared by the block's values). ``max_abs_diff``:
     the largest difference between onnxruntime's output and the plan's simulation on the
     example input (NaN without onnxruntime).
     """
@@ -260,14 +300,28 @@ def _export_plan(model: nn.Module, plan: Plan, capturing: dict) -> tuple[dict[st
                 continue
             dtype, exact = deploy_type(fmt, kind)
             gran = getattr(fmt, "granularity", "tensor") if kind == "weight" else "tensor"
-            rows.append({"site": site, "kind": kind, "simulated": fmt.name, "deployed": dtype, "granularity": gran,
-                         "exact": exact, "note": _note(fmt, dtype, exact, kind), "stored_bits": BITS[dtype]})
+            rows.append({"site": site, "kind": kind, "simulated": fmt.name, "deployed": dtype,
+                         "granularity": f"block{fmt.block}" if isinstance(fmt, BLOCK_FORMATS) else gran,
+                         "exact": exact, "note": _note(fmt, dtype, exact, kind),
+                         "stored_bits": _stored_bits(fmt, dtype)})
             if dtype != "float32":
                 base = dataclasses.replace(fmt, rounding="nearest")
                 formats[kind] = _emitting(base, Site(site, kind, base, dtype, exact, rows[-1]["note"]), capturing)
         if formats:
             specs[site] = QuantSpec(**formats)
     return specs, rows
+
+
+def _stored_bits(fmt: Format, dtype: str) -> float:
+    """Bits per value the file stores: the type's width, plus a group-wise block's scale and zero point.
+
+    >>> _stored_bits(GroupIntFormat(3, block=32), "int4"), _stored_bits(GroupIntFormat(4, symmetric=False), "int4")
+    (4.5, 4.15625)
+    """
+    if isinstance(fmt, GroupIntFormat) and dtype != "float32":
+        shared = BITS[SCALE_TYPES[fmt.scale_dtype]] + (0 if fmt.symmetric else BITS[dtype])
+        return BITS[dtype] + shared / fmt.block
+    return BITS[dtype]
 
 
 def export_onnx(

@@ -152,6 +152,54 @@ def test_deploy_type_table():
     assert deploy_type(bw.FloatFormat(8, 10)) == ("float32", False)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_group_int_weights_are_blocked_dequantize_linear(digits, tmp_path, symmetric):
+    model, x, calib = digits
+    fmt = bw.parse_format("int4_g32", symmetric=symmetric)
+    plan = {"*": bw.QuantSpec(weight=fmt)}
+    path = tmp_path / "g32.onnx"
+    summary = export_onnx(model, plan, x, path, calib=calib)
+    assert set(summary.sites["deployed"]) == {"int4"} and summary.sites["exact"].all()
+    assert set(summary.sites["granularity"]) == {"block32"}
+    inits = _inits(path)
+    dq = {n.name: n for n in onnx.load(str(path)).graph.node if n.op_type == "DequantizeLinear"}
+    for site in ("conv2", "fc1"):  # conv2: 16·3·3 = 144 = 4 blocks of 32 and a last one of 16
+        w = getattr(model, site).weight.detach()
+        rows = w.reshape(len(w), -1)  # (out, rest) in memory order, as bitwidth.blocks sees a weight
+        codes = numpy_helper.to_array(inits[f"{site}.weight.codes"]).astype(np.float64)
+        scale = numpy_helper.to_array(inits[f"{site}.weight.scale"])
+        assert inits[f"{site}.weight.codes"].data_type == onnx.TensorProto.INT4 and codes.shape == rows.shape
+        assert scale.dtype == np.float16 and scale.shape == (len(w), -(-rows.shape[1] // 32))  # fp16, as simulated
+        assert {a.name: a.i for a in dq[f"{site}.weight/dq"].attribute} == {"axis": 1, "block_size": 32}
+        per = np.repeat(scale.astype(np.float64), 32, axis=1)[:, : rows.shape[1]]
+        zero = np.zeros_like(per)
+        if not symmetric:
+            zero = np.repeat(numpy_helper.to_array(inits[f"{site}.weight.zero_point"]).astype(np.float64), 32,
+                             axis=1)[:, : rows.shape[1]]
+            assert zero.any()
+        fake = fmt.quantize(w, axis=0).reshape(rows.shape).double().numpy()
+        np.testing.assert_array_equal(codes - zero, fake / per)  # the fake-quantized weights ÷ their block scales
+        assert codes.min() >= -8 and codes.max() <= 7
+    assert "fc1.weight" not in inits  # no float copy of a quantized weight
+    _, want = _simulated(model, plan, x, calib)
+    np.testing.assert_allclose(_run(path, x), want.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(_run(path, x, optimize=True), want.numpy(), rtol=0, atol=1e-4)
+
+
+def test_block_formats_onnxruntime_cannot_run_stay_float_and_are_listed(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    x = torch.randn(8, 64)
+    plan = {"0": bw.QuantSpec(weight="mxfp4", activation="int4_g32"), "2": "nvfp4"}
+    summary = export_onnx(model, plan, x, tmp_path / "mx.onnx")
+    rows = summary.sites.set_index(["site", "kind"])
+    assert len(rows) == 4 and set(rows["deployed"]) == {"float32"} and not rows["exact"].any()
+    assert "float8e8m0" in rows.loc[("0", "weight"), "note"] and "float4e2m1" in rows.loc[("0", "weight"), "note"]
+    assert "computed at run time" in rows.loc[("0", "activation"), "note"]
+    assert "float4e2m1" in rows.loc[("2", "activation"), "note"]
+    text = str(summary)
+    assert "0 weight: mxfp4 -> float32" in text and "2 weight: nvfp4 -> float32" in text
+
+
 def test_transformer_exports_and_runs(tmp_path):
     task = make_task("tiny_lm", "pytext", train_bytes=4096, val_bytes=2048)
     model = task.build_model(0).eval()
