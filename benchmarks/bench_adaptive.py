@@ -9,12 +9,14 @@ fp32 baseline included). Then the issue's three targets, met or missed, with the
   gradients, 6 epochs of SGD, criterion converge): the search runs here (bisect, about
   60 training runs), or is read from ``--search-dir`` (a finished ``digits_train`` run).
 - ``tiny_lm`` (byte-level transformer, Adam, criterion loss within 5%): adaptive against
-  fp32 and a uniform width. A training-mode search of its 34 sites x 3 kinds would take
+  fp32 and a uniform width. A training-mode search of its 21 sites x 3 kinds would take
   hundreds of training runs (hours on 2 cores): not run; its size is estimated from the
   digits search's runs per (site, kind) pair.
 
 Printed figures only, never timed asserts. ``python benchmarks/bench_adaptive.py``
-(about 5-8 minutes on 2 cores; ``--models digits_cnn`` for the digits part alone).
+(estimated 6-8 minutes on 2 quiet cores from its CPU time; on 2 cores shared with five other
+jobs it took 14 minutes for digits_cnn with ``--search-dir`` and 46 for tiny_lm).
+``--models digits_cnn`` runs the digits part alone.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ SETUPS = {
                 "criterion": ("loss", {"max_rise": 0.05}), "uniform": [8], "search": None},
 }
 KINDS = ("weight", "activation", "gradient")
+# Training runs per (site, kind) pair of the digits_cnn search (58 trials for 12 pairs, bisect
+# over 7 widths, uniform and joint steps included): the estimate for a search not run.
+RUNS_PER_PAIR = 58 / 12
 
 
 def _row(plan: str, passed: bool | None, metric: float, bops: float, runs: float, steps: float) -> dict:
@@ -91,8 +96,8 @@ def bench(name: str, work: Path, search_dir: Path | None) -> tuple[list[dict], l
     else:
         pairs = len(costs.layers) * len(KINDS)
         notes.append(f"no training-mode search run: {len(costs.layers)} sites x 3 kinds = {pairs} pairs; at the "
-                     f"digits search's ~4.8 training runs per pair that is ~{pairs * 4.8:.0f} runs "
-                     f"(~{pairs * 4.8 * per_run:.0f} steps)")
+                     f"digits search's {RUNS_PER_PAIR:.1f} training runs per pair that is ~{pairs * RUNS_PER_PAIR:.0f} "
+                     f"runs (~{pairs * RUNS_PER_PAIR * per_run:.0f} steps)")
     return rows, notes
 
 

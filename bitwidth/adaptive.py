@@ -78,6 +78,9 @@ class KindPolicy:
     ``raise_above`` in (0, 1): raise when the error of the format in force exceeds it.
     ``lower_below`` in (0, raise_above): lower when one bit fewer would still stay at or below it.
     ``patience`` (1..1000): measurements in a row that must allow lowering before it happens.
+    ``max_underflow`` in (0, 1]: also raise when more than this fraction of the nonzero values
+    flush to zero (1: off). Small gradients matter to Adam, which rescales each parameter's
+    update: a transformer trained with Adam needs it on its gradients (see the README).
 
     >>> KindPolicy(min_bits=8, max_bits=4)
     Traceback (most recent call last):
@@ -90,6 +93,7 @@ class KindPolicy:
     raise_above: float = 0.05
     lower_below: float = 0.02
     patience: int = 2
+    max_underflow: float = 1.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -111,6 +115,9 @@ class KindPolicy:
         p = self.patience
         if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= 1000:
             problems.append(f"patience must be an integer in 1..1000, got {p!r}")
+        if not _is_number(self.max_underflow) or not 0 < self.max_underflow <= 1:
+            problems.append(f"max_underflow must be a number in (0, 1] (a fraction; 1: off), "
+                            f"got {self.max_underflow!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -237,11 +244,14 @@ def decide(x: Tensor, absmax: float, current: FixedFormat | None, policy: KindPo
     """
     lo, hi = policy.min_bits, policy.max_bits
 
-    def error(bits: int) -> float:
-        return measure(fit_format(bits, absmax), x).rel_error
+    def at(bits: int) -> Measurement:
+        return measure(fit_format(bits, absmax), x)
+
+    def holds(m: Measurement, limit: float) -> bool:
+        return m.rel_error <= limit and m.underflow <= policy.max_underflow
 
     def fewest(start: int) -> int:
-        return next((b for b in range(start, hi + 1) if error(b) <= policy.raise_above), hi)
+        return next((b for b in range(start, hi + 1) if holds(at(b), policy.raise_above)), hi)
 
     if current is None:
         bits = fewest(lo)
@@ -250,9 +260,9 @@ def decide(x: Tensor, absmax: float, current: FixedFormat | None, policy: KindPo
         return Decision(fmt, "init", m, m.rel_error, 0)
     m = measure(current, x)
     bits = min(max(current.bits, lo), hi)  # bounds may have moved (a back-off raises the floor)
-    if m.rel_error > policy.raise_above or error(bits) > policy.raise_above or bits != current.bits:
+    if not holds(m, policy.raise_above) or not holds(at(bits), policy.raise_above) or bits != current.bits:
         bits, calm, reason = max(bits, fewest(bits)), 0, "raise"
-    elif bits > lo and error(bits - 1) <= policy.lower_below:
+    elif bits > lo and holds(at(bits - 1), policy.lower_below):
         calm += 1
         reason = "hold"
         if calm >= policy.patience:

@@ -3,7 +3,9 @@
 The torch path of a block format costs eight to ten passes over memory (the block
 maxima, the scaled values, the element rounding's temporaries, the rescale); these
 loops read each block once into cache, compute its scale and write its values (and,
-when autograd needs it, the straight-through mask), in parallel over blocks. They take
+when autograd needs it, the straight-through mask). They run on one thread and release
+the GIL: numba's parallel loops use GNU OpenMP here, which kills a process pool's workers
+forked after the parent used it, and under contention they ran slower. They take
 float32 (blocks, block) arrays and round half to even; every float32 operation that
 rounds is done in float32 in the torch path's order, and the exact ones (power-of-two
 scaling, rounding onto a grid) in float64, so results agree bit for bit
@@ -23,7 +25,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 __all__ = ["element_steps", "group_int", "mx", "nvfp4", "round_grid"]
 
@@ -77,14 +79,14 @@ def element_steps(emin: int, man: int, top: float) -> np.ndarray:
     return np.array([2.0 ** (e - man) for e in range(emin, math.floor(math.log2(top)) + 1)], np.float32)
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@njit(cache=True, nogil=True)
 def mx(b: np.ndarray, out: np.ndarray, mask: np.ndarray, need_mask: bool, steps: np.ndarray, emin: int,
        man: int, top: float, emax: int, mode: int, int8: bool) -> None:
     """MX blocks: element grid ``steps`` from binade ``emin``; ``mode`` 0 floor, 1 ceil, 2 even; ``int8``: MXINT8."""
     ftop = np.float32(top)
     inv_steps = np.float32(1.0) / steps
     last = steps.size - 1
-    for r in prange(b.shape[0]):
+    for r in range(b.shape[0]):
         amax = np.float32(0.0)
         nan = False
         for i in range(b.shape[1]):
@@ -134,12 +136,12 @@ def mx(b: np.ndarray, out: np.ndarray, mask: np.ndarray, need_mask: bool, steps:
             out[r, i] = (y if a != a else math.copysign(q, y)) * scale  # a saturated Inf overflows back to Inf
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@njit(cache=True, nogil=True)
 def nvfp4(b: np.ndarray, out: np.ndarray, mask: np.ndarray, need_mask: bool, pts: np.float32,
           steps: np.ndarray) -> None:
     """NVFP4 blocks under the per-tensor scale ``pts`` (float32), torchao's float32 operation order."""
     six, one = np.float32(6.0), np.float32(1.0)
-    for r in prange(b.shape[0]):
+    for r in range(b.shape[0]):
         amax = np.float32(0.0)
         nan = False
         for i in range(b.shape[1]):
@@ -165,13 +167,13 @@ def nvfp4(b: np.ndarray, out: np.ndarray, mask: np.ndarray, need_mask: bool, pts
             row[i] = row[i] * scale
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@njit(cache=True, nogil=True)
 def group_int(b: np.ndarray, out: np.ndarray, mask: np.ndarray, need_mask: bool, qmin: int, qmax: int,
               symmetric: bool, s_emin: int, s_man: int, s_top: float) -> None:
     """Group-wise integers; the scale is rounded onto the grid of its storage dtype (``s_man`` < 0: float32)."""
     fqmin, fqmax, n = np.float32(qmin), np.float32(qmax), np.float32(qmax - qmin)
     zero = np.float32(0.0)
-    for r in prange(b.shape[0]):
+    for r in range(b.shape[0]):
         lo, hi = zero, zero
         for i in range(b.shape[1]):
             v = b[r, i]

@@ -261,6 +261,7 @@ class KindPolicyConfig(_Section):
     raise_above: Fraction = None
     lower_below: Fraction = None
     patience: _integer(1, 1000, optional=True) = None  # type: ignore[valid-type]
+    max_underflow: float | None = Field(None, gt=0, le=1)
 
     def given(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}

@@ -219,6 +219,27 @@ def test_fused_kernels_equal_the_torch_code(fmt, monkeypatch):
     assert _same(got["torch"][0], got["fused"][0]) and torch.equal(got["torch"][1], got["fused"][1])
 
 
+
+def _mxfp4_sum(seed: int) -> float:
+    x = torch.randn(1 << 17, generator=torch.Generator().manual_seed(seed))
+    return float(parse_format("mxfp4").quantize(x).sum())
+
+
+def test_fused_kernels_survive_a_forked_pool():
+    # The process executor forks its workers; an OpenMP-parallel kernel used in the parent
+    # made every forked worker abort ("fork() called from a process already using GNU OpenMP").
+    import multiprocessing as mp
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the executor does before it forks: torch's own OpenMP is not fork-safe either
+    try:
+        expected = [_mxfp4_sum(s) for s in range(2)]
+        with mp.get_context("fork").Pool(1) as pool:  # an aborted worker never answers: time out instead of hanging
+            assert pool.map_async(_mxfp4_sum, range(2), chunksize=1).get(timeout=120) == expected
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------- layout, gradients, rounding
 @pytest.mark.parametrize("fmt", ["int4_g32", "mxfp4", "nvfp4"])
 def test_remainder_forms_a_smaller_block(fmt):
