@@ -42,7 +42,9 @@ SETUPS = {
                    "search": {"family": "fixed", "family_options": {"rounding": "nearest"},
                               "candidates": [2, 3, 4, 6, 8, 12, 16], "strategy": "bisect"}},
     "tiny_lm": {"task": ("tiny_lm", "pytext"), "train": {"epochs": 2, "lr": 0.003, "optimizer": "adam"},
-                "criterion": ("loss", {"max_rise": 0.05}), "uniform": [8], "search": None},
+                "criterion": ("loss", {"max_rise": 0.05}), "uniform": [8], "search": None,
+                # Adam rescales each update: gradients flushed to zero matter where the relative error is small.
+                "extra": ("adaptive, gradient max_underflow 0.1", {"gradient": {"max_underflow": 0.1}})},
 }
 KINDS = ("weight", "activation", "gradient")
 # Training runs per (site, kind) pair of the digits_cnn search (58 trials for 12 pairs, bisect
@@ -66,10 +68,12 @@ def bench(name: str, work: Path, search_dir: Path | None) -> tuple[list[dict], l
     costs = CostModel.measure(task.build_model(0), task.example_input())
     metric = criterion.metric
     rows = [_row("fp32", True, baseline.metrics[metric], 1.0, 1, per_run)]
-    settings = AdaptiveSettings()
-    for label, pinned in [("adaptive", None)] + [(f"uniform {b} (pinned)", b) for b in setup["uniform"]]:
+    runs = [("adaptive", None, {})] + [(f"uniform {b} (pinned)", b, {}) for b in setup["uniform"]]
+    if "extra" in setup:
+        runs.append((setup["extra"][0], None, setup["extra"][1]))
+    for label, pinned, policies in runs:
         t0 = time.perf_counter()
-        run = train_adaptive(task, options, baseline, settings, pinned=pinned)
+        run = train_adaptive(task, options, baseline, AdaptiveSettings(policies=policies), pinned=pinned)
         c = schedule_costs(run.schedule, costs)
         passed = criterion.passes(run.outcome, baseline.metrics, baseline.loss_curve)
         rows.append(_row(label, passed, run.outcome.metrics[metric], c["train_bops_vs_fp32"], 2,

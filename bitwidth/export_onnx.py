@@ -291,7 +291,7 @@ def _export_plan(model: nn.Module, plan: Plan, capturing: dict) -> tuple[dict[st
         formats = {}
         for kind in ("weight", "activation", "gradient"):
             fmt = getattr(spec, kind)
-            if fmt is None:
+            if fmt is None or (kind == "weight" and ":" in site):  # an op site (`attn:sdpa.q`) reads no weight
                 continue
             if kind == "gradient":
                 rows.append({"site": site, "kind": kind, "simulated": fmt.name, "deployed": "-", "granularity": "",

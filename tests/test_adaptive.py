@@ -101,6 +101,20 @@ def test_fraction_bits_track_a_shifting_range():
     assert fracs[0] - fracs[6] == 12  # 2**-6 .. 2**6: twelve octaves
 
 
+def test_max_underflow_raises_a_width_whose_small_values_flush_to_zero():
+    # Gradient-like data: a few large values set the range, most are tiny.
+    x = bulk() * 1e-3
+    x[:8] = 1.0
+    loose = decide(x, 1.0, None, KindPolicy(min_bits=4, max_bits=24, raise_above=0.25, lower_below=0.17))
+    strict = decide(x, 1.0, None, KindPolicy(min_bits=4, max_bits=24, raise_above=0.25, lower_below=0.17,
+                                             max_underflow=0.1))
+    assert loose.measurement.underflow > 0.5  # the relative error is fine: the large values dominate it...
+    assert strict.format.bits > loose.format.bits and strict.measurement.underflow <= 0.1  # ...not the flushing
+    held = decide(x, 1.0, loose.format, KindPolicy(min_bits=4, max_bits=24, raise_above=0.25, lower_below=0.17,
+                                                    max_underflow=0.1))
+    assert held.reason == "raise" and held.format.bits == strict.format.bits
+
+
 def test_measure_reports_overflow_and_underflow():
     fmt = FixedFormat(6, 3)  # step 1/8, max 3.875
     m = measure(fmt, torch.tensor([0.01, 0.02, 1.0, 10.0]))
@@ -115,7 +129,8 @@ def test_measure_reports_overflow_and_underflow():
     ({"raise_above": 1.5}, "raise_above must be a number in (0, 1)"),
     ({"raise_above": 0.1, "lower_below": 0.2}, "lower_below must be a number in (0, raise_above = 0.1)"),
     ({"patience": 0}, "patience must be an integer in 1..1000"),
-], ids=["min", "max", "order", "raise", "hysteresis", "patience"])
+    ({"max_underflow": 0.0}, "max_underflow must be a number in (0, 1]"),
+], ids=["min", "max", "order", "raise", "hysteresis", "patience", "underflow"])
 def test_bad_thresholds_and_bounds_name_the_allowed_range(kwargs, message):
     with pytest.raises(ValueError, match=None) as info:
         KindPolicy(**kwargs)

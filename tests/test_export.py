@@ -210,6 +210,8 @@ def test_transformer_exports_and_runs(tmp_path):
     for site in ("blocks.0.attn:sdpa.q", "blocks.0.attn:sdpa.k", "blocks.0.attn:sdpa.v", "head", "tok_emb"):
         assert any(n.startswith(site + ".") for n in names), site
     assert {"weight", "activation"} <= set(summary.sites["kind"])
+    op_sites = summary.sites[summary.sites["site"].str.contains(":")]
+    assert len(op_sites) and set(op_sites["kind"]) == {"activation"}  # an attention input has no weight row
     _, want = _simulated(model, {"*": "int8"}, x, [x])
     np.testing.assert_allclose(_run(path, x), want.numpy(), atol=1e-4)
     longer = torch.cat([x, x])  # the batch size is dynamic in the file
