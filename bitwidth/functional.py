@@ -228,6 +228,7 @@ def _cpu_kernels(x: Tensor) -> dict | None:
             from bitwidth import kernels
 
             kernels.warm()
+            _fuse["launch"] = kernels.launch
             cpu = {_int_kernel: (kernels.int_forward, kernels.int_backward),
                    _float_kernel: (kernels.float_forward, kernels.float_backward)}
         except Exception as err:  # numba cannot compile here: the tensor ops give the same results
@@ -246,7 +247,7 @@ def _cpu_forward(kernel, x: Tensor, flat_shape, arrays: tuple, seed: int) -> Ten
     xw = xw.contiguous()
     out = torch.empty(xw.shape, dtype=xw.dtype)
     # NumPy reshapes of contiguous arrays are views, cheaper than torch's.
-    kernel(xw.numpy().reshape(flat_shape), out.numpy().reshape(flat_shape), *arrays, seed)
+    _fuse["launch"](kernel, (xw.numpy().reshape(flat_shape), out.numpy().reshape(flat_shape)), arrays, seed)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
@@ -279,7 +280,8 @@ class _CpuSTE(torch.autograd.Function):
         bits = g.contiguous().view(_BITS[g.dtype])
         out = torch.empty(bits.shape, dtype=bits.dtype)
         xw = (x.detach() if x.dtype == _wd(x) else x.detach().float()).contiguous()
-        ctx.grad_fn(bits.numpy().reshape(flat), xw.numpy().reshape(flat), out.numpy().reshape(flat), *ctx.arrays)
+        data = (bits.numpy().reshape(flat), xw.numpy().reshape(flat), out.numpy().reshape(flat))
+        _fuse["launch"](ctx.grad_fn, data, ctx.arrays)
         return out.view(g.dtype), None, None, None, None, None, None
 
 

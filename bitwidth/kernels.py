@@ -7,10 +7,11 @@ straight-through masks. They compute exactly what the tensor-op kernels in
 float64 for float64 input), so results are bit-identical; stochastic rounding draws the
 same splitmix64 noise from the same seed and element index.
 
-They run on one thread and release the GIL. A memory-bound loop on one core already
-runs several times faster than PyTorch's own fake-quant op on all of them, and a kernel
-without a thread pool is safe to call from any thread and in forked workers (numba's
-OpenMP and workqueue thread pools are not).
+Each kernel is a serial loop that releases the GIL; :func:`launch` splits a large tensor
+into one chunk per torch intra-op thread and runs the chunks on Python threads. That keeps
+them safe in forked workers and from any thread, which numba's own OpenMP and workqueue
+thread pools are not (a process pool's forked workers abort once the parent used OpenMP).
+Stochastic noise follows the global element index, so a split never changes a value.
 
 Compiled code is cached on disk in :data:`CACHE_DIR` (``$BITWIDTH_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/bitwidth``, else ``~/.cache/bitwidth``): the first use on a machine
@@ -20,7 +21,7 @@ process, pool worker or Ray actor loads them in milliseconds.
 >>> import numpy as np
 >>> x = np.array([[[0.26, -3.0, np.nan]]], dtype=np.float32)  # (outer, channel, inner)
 >>> out, p = np.empty_like(x), lambda v: np.array([v], np.float32)
->>> int_forward(x, out, p(0.5), p(0.0), p(-4), p(3), -1)  # scale, zero point, qmin, qmax; seed -1: nearest
+>>> int_forward(x, out, p(0.5), p(0.0), p(-4), p(3), -1, 0)  # scale, zero point, qmin, qmax; seed -1: nearest
 >>> out
 array([[[ 0.5, -2. ,  nan]]], dtype=float32)
 """
@@ -32,10 +33,12 @@ import hashlib
 import logging
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numba
 import numpy as np
+import torch
 from llvmlite import binding
 from numba import njit
 from numba.core import config as numba_config
@@ -46,7 +49,8 @@ try:
 except ImportError:  # not POSIX: concurrent cold starts may each compile
     fcntl = None
 
-__all__ = ["CACHE_DIR", "KERNELS", "float_backward", "float_forward", "int_backward", "int_forward", "warm"]
+__all__ = ["CACHE_DIR", "KERNELS", "PARALLEL_MIN_NUMEL", "float_backward", "float_forward", "int_backward",
+           "int_forward", "launch", "warm"]
 
 log = logging.getLogger("bitwidth.kernels")
 
@@ -163,8 +167,10 @@ def _dequantized(code, s, z, qmin, qmax):
 
 
 @_compiled
-def int_forward(x, out, scale, zp, qmin, qmax, seed):
-    """Affine integer fake quantization of ``x`` (outer, channel, inner) into ``out``; ``seed < 0``: nearest."""
+def int_forward(x, out, scale, zp, qmin, qmax, seed, offset):
+    """Affine integer fake quantization of ``x`` (outer, channel, inner) into ``out``; ``seed < 0``: nearest.
+
+    ``offset``: the flat index of ``x[0, 0, 0]`` in the whole tensor (a chunk's noise is the whole's)."""
     lo, hi = qmin[0], qmax[0]
     outer, channels, inner = x.shape
     for o in range(outer):
@@ -176,7 +182,7 @@ def int_forward(x, out, scale, zp, qmin, qmax, seed):
                 for i in range(inner):
                     ys[i] = _dequantized(np.rint(xs[i] / s) + z, s, z, lo, hi)
             else:
-                first = (o * channels + c) * inner  # the noise follows the flat element index
+                first = (o * channels + c) * inner + offset  # the noise follows the flat element index
                 for i in range(inner):
                     ys[i] = _dequantized(_stochastic(xs[i] / s, seed, first + i) + z, s, z, lo, hi)
 
@@ -213,8 +219,10 @@ def _saturated(q, mv, x):
 
 
 @_compiled
-def float_forward(x, out, man, emin, kmin, max_value, seed):
-    """ExMy fake quantization of the flat ``x`` into ``out``, saturating at ``max_value``; ``seed < 0``: nearest."""
+def float_forward(x, out, man, emin, kmin, max_value, seed, offset):
+    """ExMy fake quantization of the flat ``x`` into ``out``, saturating at ``max_value``; ``seed < 0``: nearest.
+
+    ``offset``: the index of ``x[0]`` in the whole tensor, as in :func:`int_forward`."""
     m, e0, k0, mv = man[0], emin[0], kmin[0], max_value[0]
     if seed < 0:
         for i in range(x.size):
@@ -225,7 +233,7 @@ def float_forward(x, out, man, emin, kmin, max_value, seed):
         for i in range(x.size):
             a = abs(x[i])
             step = _float_step(a, m, e0, k0)
-            out[i] = _saturated(_stochastic(a / step, seed, i) * step, mv, x[i])
+            out[i] = _saturated(_stochastic(a / step, seed, offset + i) * step, mv, x[i])
 
 
 @_compiled
@@ -235,6 +243,75 @@ def float_backward(g, x, out, man, emin, kmin, max_value):
     mv = max_value[0]
     for i in range(x.size):
         out[i] = g[i] if abs(x[i]) <= mv else 0
+
+
+# ----------------------------------------------------------------------------- threads
+
+# Below this a thread hand-off costs more than it saves (a chunk of 2^19 values takes ~0.1 ms).
+PARALLEL_MIN_NUMEL = 1 << 20
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """This process's pool of ``threads`` threads (a forked child makes its own: it inherits no threads)."""
+    key = (os.getpid(), threads)
+    if key not in _pools:
+        _pools.clear()
+        _pools[key] = ThreadPoolExecutor(threads, thread_name_prefix="bitwidth-kernel")
+    return _pools[key]
+
+
+def _split(shape: tuple[int, ...], n: int) -> tuple[int, int] | None:
+    """(axis, values per index step along it) to cut a kernel's layout into ``n`` chunks, or None.
+
+    A 1-d array is cut anywhere; an (outer, channel, inner) one along ``outer``, or along the
+    channels (their parameters cut with them) or ``inner`` when the axes before are 1, so
+    every chunk is contiguous and its first value's flat index is ``start × step``.
+
+    >>> _split((1, 1, 4096), 2), _split((1, 64, 9), 2), _split((8, 4, 9), 2), _split((1,), 2)
+    ((2, 1), (1, 9), (0, 36), None)
+    """
+    if len(shape) == 1:
+        return (0, 1) if shape[0] >= n else None
+    outer, channels, inner = shape
+    if outer >= n:
+        return 0, channels * inner
+    if outer == 1 and channels >= n:
+        return 1, inner
+    if outer == 1 and channels == 1 and inner >= n:
+        return 2, 1
+    return None
+
+
+def launch(kernel, data: tuple[np.ndarray, ...], params: tuple[np.ndarray, ...], seed: int | None = None) -> None:
+    """``kernel(*data, *params[, seed, offset])``, cut into one chunk per torch thread when large.
+
+    ``data`` are the arrays of one shape (inputs and output); ``params`` the kernel's parameter
+    arrays, of which an integer kernel's first two (scale, zero point) hold one value per
+    channel. A forward kernel takes ``seed`` and its chunk's ``offset``.
+
+    >>> x = np.linspace(-2, 2, 1 << 21, dtype=np.float32).reshape(1, 1, -1)
+    >>> out, p = np.empty_like(x), lambda v: np.array([v], np.float32)
+    >>> launch(int_forward, (x, out), (p(0.25), p(0.0), p(-8), p(7)), seed=-1)
+    >>> float(out.min()), float(out.max())
+    (-2.0, 1.75)
+    """
+    threads = torch.get_num_threads()
+    cut = _split(data[0].shape, threads) if threads > 1 and data[0].size >= PARALLEL_MIN_NUMEL else None
+    if cut is None:
+        kernel(*data, *params, *(() if seed is None else (seed, 0)))
+        return
+    axis, step = cut
+    length = data[0].shape[axis]
+    bounds = [(length * i // threads, length * (i + 1) // threads) for i in range(threads)]
+
+    def run(lo: int, hi: int) -> None:
+        index = (slice(None),) * axis + (slice(lo, hi),)
+        ps = tuple(q[lo:hi] if axis == 1 and i < 2 else q for i, q in enumerate(params))
+        kernel(*(d[index] for d in data), *ps, *(() if seed is None else (seed, lo * step)))
+
+    for future in [_pool(threads).submit(run, lo, hi) for lo, hi in bounds]:
+        future.result()
 
 
 # ----------------------------------------------------------------------------- compile once
@@ -252,8 +329,8 @@ def _examples(dtype: type) -> list[tuple]:
     p = lambda *v: np.array(v, dtype)  # noqa: E731
     x3 = x.reshape(1, 1, -1)
     fp = (np.array([3], it), np.array([-6], it), np.array([-9], it), p(448.0))
-    calls = [(int_forward, (x3, np.empty_like(x3), p(0.5), p(0.0), p(-8), p(7), seed)) for seed in (-1, 1)]
-    calls += [(float_forward, (x, np.empty_like(x), *fp, seed)) for seed in (-1, 1)]
+    calls = [(int_forward, (x3, np.empty_like(x3), p(0.5), p(0.0), p(-8), p(7), seed, 0)) for seed in (-1, 1)]
+    calls += [(float_forward, (x, np.empty_like(x), *fp, seed, 0)) for seed in (-1, 1)]
     for gt in grads:
         g = np.arange(8, dtype=gt)
         calls += [(int_backward, (g.reshape(1, 1, -1), x3, np.empty((1, 1, 8), gt), p(0.5), p(0.0), p(-8), p(7))),

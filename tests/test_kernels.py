@@ -64,6 +64,38 @@ def test_every_call_uses_a_signature_warm_compiled():
         assert k.signatures and set(k.signatures) <= warmed[k], (k.__name__, set(k.signatures) - warmed[k])
 
 
+@needs_compile
+@pytest.mark.parametrize("layout", ["per-tensor", "channels-first", "channels-last", "float"])
+def test_threaded_chunks_equal_one_thread_bit_for_bit(layout, monkeypatch):
+    """A large tensor is cut into one chunk per torch thread: values, stochastic noise and gradients unchanged."""
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_NUMEL", 1 << 12)  # cut small tensors too: the test stays fast
+    x = torch.randn(64, 97) * 3
+    scales = torch.rand(97) + 0.05
+
+    def quantize(rounding: str, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.set_num_threads(threads)
+        xg = x.clone().requires_grad_()
+        gen = torch.Generator().manual_seed(5)
+        if layout == "per-tensor":
+            y = F.quantize_int(xg, 0.1, 0, -8, 7, rounding=rounding, generator=gen)
+        elif layout == "channels-first":
+            y = F.quantize_int(xg.t(), scales, 0, -8, 7, axis=0, rounding=rounding, generator=gen)
+        elif layout == "channels-last":
+            y = F.quantize_int(xg, scales, 0, -8, 7, axis=1, rounding=rounding, generator=gen)
+        else:
+            y = F.quantize_float(xg, 2, 1, rounding=rounding, generator=gen)
+        return y.detach(), torch.autograd.grad((y * torch.arange(y.numel()).reshape(y.shape)).sum(), xg)[0]
+
+    threads = torch.get_num_threads()
+    try:
+        for rounding in ("nearest", "stochastic"):
+            one, three = quantize(rounding, 1), quantize(rounding, 3)
+            assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1]), rounding
+            assert kernels._pools, "nothing ran on the threads"
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_fresh(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           env={**os.environ, **env}, cwd=Path(__file__).parent.parent)
