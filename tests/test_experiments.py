@@ -15,11 +15,13 @@ import re
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
 import bitwidth as bw
 from bitwidth import predict
+from bitwidth.stats_analysis import sweep
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 # Quick modes of these search digits_mlp only; the predictor's needs a second model to hold out (slow).
@@ -103,6 +105,7 @@ def test_shipped_calibration_is_the_committed_result() -> None:
     calib = json.loads(path.read_text())
     shipped = {(f, k): t for f, kinds in calib["thresholds_db"].items() for k, t in kinds.items()}
     assert predict.CALIBRATION == shipped
+    assert predict.MEDIAN_BITS == {(f, k): b for f, kinds in calib["median_bits"].items() for k, b in kinds.items()}
     assert predict.VALIDATION == calib["validation"]
 
 
@@ -116,6 +119,12 @@ def test_predict_min_bits_uses_the_calibration_unless_told_otherwise() -> None:
     assert str(pred["min_bits"].dtype) == "Int64"
     old = bw.predict_min_bits(rec, "int", range(2, 17), sqnr_db=30.0)
     assert (old["threshold_db"] == 30.0).all()
+    rule = predict.predict_from_sweep(sweep(rec, "int", range(2, 17)), "int",
+                                      {k: predict.threshold_db("int", k) for k in pred["kind"]})
+    for p, r in zip(pred.itertuples(), rule.itertuples(), strict=True):  # the default: midpoint of rule and median
+        rule_bits = 17 if pd.isna(r.min_bits) else int(r.min_bits)
+        expected = predict.midpoint_bits(rule_bits, predict.MEDIAN_BITS[("int", p.kind)], range(2, 17))
+        assert (17 if pd.isna(p.min_bits) else int(p.min_bits)) == expected
 
 
 @pytest.mark.parametrize("module", ["common", "inference"])
