@@ -343,11 +343,13 @@ def _claim_text(dist: pd.DataFrame, corr: pd.DataFrame, ctx: _Context) -> str:
         from ..predict import validation_text
 
         validated = validation_text(ctx.family or "")
-        text += (f" The calibrated predictor (bitwidth.predict: the fewest bits whose SQNR on the recorded sample "
-                 f"reaches a threshold fitted to measured minima; "
+        text += (f" The calibrated predictor (bitwidth.predict: the candidate nearest the midpoint of the fewest "
+                 f"bits whose SQNR on the recorded sample reaches a threshold fitted to measured minima and the "
+                 f"median minimum of the calibration models; "
                  f"{validated or 'not validated for this family: it uses the uncalibrated 30 dB rule'}), made from "
-                 f"each distribution alone, equals the measured minimum for {int((diff == 0).sum())} of {len(both)} "
-                 f"pairs here and is within one bit for {int((diff.abs() <= 1).sum())} (more bits for "
+                 f"each distribution and the calibration, equals the measured minimum for "
+                 f"{int((diff == 0).sum())} of {len(both)} pairs here and is within one bit for "
+                 f"{int((diff.abs() <= 1).sum())} (more bits for "
                  f"{int((diff > 0).sum())}, fewer for {int((diff < 0).sum())}).")
     return text
 

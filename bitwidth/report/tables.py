@@ -61,7 +61,7 @@ STATISTICS = {
     "kurtosis": "excess kurtosis: tail weight (0 for a Gaussian)",
     "octaves_below_max": "log2(absmax / median nonzero |x|): octaves between the typical and the largest value",
     "dynamic_range": "log2(p99.99 / p1 of nonzero |x|): octaves the bulk of the values spans",
-    "predicted_bits": "bits the calibrated predictor gives: fewest whose SQNR on the sample reaches a fitted threshold",
+    "predicted_bits": "bits the calibrated predictor gives: midpoint of the fitted SQNR rule's bits and the median",
 }
 
 # Short axis labels for the same statistics.
@@ -70,7 +70,7 @@ STATISTIC_LABELS = {
     "kurtosis": "excess kurtosis",
     "octaves_below_max": "log2(absmax / median |x|)",
     "dynamic_range": "log2(p99.99 / p1 of |x|)",
-    "predicted_bits": "predicted bits (calibrated SQNR rule)",
+    "predicted_bits": "predicted bits (calibrated: SQNR rule and median)",
 }
 
 
