@@ -79,6 +79,20 @@ def element_steps(emin: int, man: int, top: float) -> np.ndarray:
     return np.array([2.0 ** (e - man) for e in range(emin, math.floor(math.log2(top)) + 1)], np.float32)
 
 
+@njit(cache=True, inline="always")
+def _block_absmax(b: np.ndarray, r: int) -> tuple:
+    """Row ``r``'s largest magnitude (float32), and whether it holds a NaN (which decides the block)."""
+    amax = np.float32(0.0)
+    nan = False
+    for i in range(b.shape[1]):
+        a = abs(b[r, i])
+        if a != a:
+            nan = True
+        elif a > amax:
+            amax = a
+    return amax, nan
+
+
 @njit(cache=True, nogil=True)
 def mx(b: np.ndarray, out: np.ndarray, mask: np.ndarray, need_mask: bool, steps: np.ndarray, emin: int,
        man: int, top: float, emax: int, mode: int, int8: bool) -> None:
@@ -87,14 +101,7 @@ def mx(b: np.ndarray, out: np.ndarray, mask: np.ndarray, need_mask: bool, steps:
     inv_steps = np.float32(1.0) / steps
     last = steps.size - 1
     for r in range(b.shape[0]):
-        amax = np.float32(0.0)
-        nan = False
-        for i in range(b.shape[1]):
-            a = abs(b[r, i])
-            if a != a:
-                nan = True
-            elif a > amax:
-                amax = a
+        amax, nan = _block_absmax(b, r)
         if nan:
             shared = 128
         elif amax == 0:
@@ -142,14 +149,7 @@ def nvfp4(b: np.ndarray, out: np.ndarray, mask: np.ndarray, need_mask: bool, pts
     """NVFP4 blocks under the per-tensor scale ``pts`` (float32), torchao's float32 operation order."""
     six, one = np.float32(6.0), np.float32(1.0)
     for r in range(b.shape[0]):
-        amax = np.float32(0.0)
-        nan = False
-        for i in range(b.shape[1]):
-            a = abs(b[r, i])
-            if a != a:
-                nan = True
-            elif a > amax:
-                amax = a
+        amax, nan = _block_absmax(b, r)
         scaled = np.float32(math.nan) if nan else (amax / six) / pts
         if scaled == scaled:
             scaled = min(max(scaled, np.float32(2.0**-6)), np.float32(448.0))

@@ -175,11 +175,19 @@ class _Emit(torch.autograd.Function):
         return out
 
 
-class _Emitting:
-    """A format that hands the site engine its (site, kind) record's values: capture, then emit."""
+def _extra() -> Any:
+    return field(default=None, compare=False, hash=False, repr=False)
 
-    site: Site
-    capturing: dict
+
+@dataclass(frozen=True)
+class _Emitting:
+    """A format that hands the site engine its (site, kind) record's values: capture, then emit.
+
+    Mixed in before a format class, its fields follow the format's own."""
+
+    key: str = ""
+    site: Any = _extra()
+    capturing: Any = _extra()
 
     def quantize(self, x: Tensor, *, axis: int | None = None, qparams: Any = None, **_: Any) -> Tensor:
         rec = self.site
@@ -197,36 +205,24 @@ def _emitting(fmt: Format, rec: Site, capturing: dict) -> Format:
     return cls(**values, key=f"{rec.site}|{rec.kind}", site=rec, capturing=capturing)
 
 
-def _extra() -> Any:
-    return field(default=None, compare=False, hash=False, repr=False)
-
-
 @dataclass(frozen=True)
 class _EInt(_Emitting, IntFormat):
-    key: str = ""
-    site: Any = _extra()
-    capturing: Any = _extra()
+    pass
 
 
 @dataclass(frozen=True)
 class _EFixed(_Emitting, FixedFormat):
-    key: str = ""
-    site: Any = _extra()
-    capturing: Any = _extra()
+    pass
 
 
 @dataclass(frozen=True)
 class _EFloat(_Emitting, FloatFormat):
-    key: str = ""
-    site: Any = _extra()
-    capturing: Any = _extra()
+    pass
 
 
 @dataclass(frozen=True)
 class _EGroupInt(_Emitting, GroupIntFormat):
-    key: str = ""
-    site: Any = _extra()
-    capturing: Any = _extra()
+    pass
 
 
 @dataclass
