@@ -67,6 +67,8 @@ from .trial import (
     _rng_devices,
     _store,
     _stored_formats,
+    epoch_lr,
+    set_lr,
     train_baseline,
 )
 from .wrap import KINDS
@@ -188,7 +190,8 @@ def train_adaptive(
         try:
             while True:
                 restart = False
-                for epoch in range(pos["epoch"], options.epochs):
+                for epoch in range(pos["epoch"], options.stop_epoch or options.epochs):
+                    set_lr(opt, epoch_lr(options, epoch))
                     model.train()
                     batches = task.train_batches(options.seed, epoch, batch_size=options.batch_size)
                     for i, (x, y) in enumerate(batches):

@@ -127,10 +127,22 @@ class TrainConfig(_Section):
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    # ``cosine`` anneals the learning rate per epoch towards zero, so a run ends where small
+    # perturbations (a quantized tensor) move its final accuracy least; ``constant`` keeps it.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    # Train only the first ``stop_epoch`` epochs of the schedule: a checkpoint of the full run
+    # (with ``cosine`` the rates are those of the full schedule), for studies of drift.
+    stop_epoch: CountOrNone = None
     calib_batches: CountOrZero = 4
     master_weights: Literal["fp32", "quantized"] = "fp32"
     diverge_factor: float = Field(10.0, gt=1)
     device: str = "cpu"
+
+    @model_validator(mode="after")
+    def _stop_within_schedule(self) -> TrainConfig:
+        if self.stop_epoch is not None and self.stop_epoch > self.epochs:
+            raise ValueError(f"stop_epoch {self.stop_epoch} is beyond the schedule's {self.epochs} epochs")
+        return self
 
 
 def check_train_options(options: dict[str, Any]) -> None:
@@ -191,9 +203,10 @@ class SearchConfig(_Section):
 
 
 class CriterionConfig(_Section):
-    """``accuracy``: metric >= baseline - max_drop; ``converge``: also no divergence and a final loss
-    within ``loss_tol`` of the baseline's; ``loss``: validation loss <= baseline + max_rise (a
-    fraction of the baseline's loss unless ``relative: false``). Each takes the keys it knows.
+    """``accuracy``: metric >= baseline - max_drop; ``converge``: also no divergence and a final
+    loss at most the baseline's times ``1 + loss_tol`` plus ``loss_abs_tol``; ``loss``:
+    validation loss <= baseline + max_rise (a fraction of the baseline's loss unless
+    ``relative: false``). Each takes the keys it knows.
 
     >>> load_config(None, ["criterion={name: loss, max_rise: 0.1}"]).criterion.build()
     LossCriterion(max_rise=0.1, relative=True, metric='loss')
@@ -204,6 +217,7 @@ class CriterionConfig(_Section):
     max_rise: float = Field(0.05, ge=0)
     relative: bool | None = None  # None: true for loss, false otherwise
     loss_tol: float = Field(0.5, ge=0)
+    loss_abs_tol: float = Field(0.01, ge=0)
     metric: str | None = None  # None: loss for the loss criterion, accuracy otherwise
 
     def build(self) -> Criterion:

@@ -3,7 +3,7 @@
 ``accuracy`` (post-training): no error, and the metric is at least the baseline's minus
 ``max_drop`` (an absolute drop, or a fraction of the baseline with ``relative=True``).
 ``converge`` (training): additionally not diverged, and the final training loss is at most
-the baseline's final training loss times ``1 + loss_tol``.
+the baseline's final training loss times ``1 + loss_tol``, plus ``loss_abs_tol``.
 ``loss`` (either mode, for language models): no error, not diverged, and the validation
 loss is at most the baseline's plus ``max_rise``, by default a fraction of the baseline's
 loss (``relative=True``): a cross-entropy has no natural absolute scale.
@@ -154,8 +154,11 @@ class AccuracyCriterion(_Judge):
 @dataclass(frozen=True)
 class ConvergeCriterion(_Judge):
     """Pass when training converged: not diverged, final metric within ``max_drop`` of the
-    baseline, final training loss at most ``(1 + loss_tol)`` times the baseline's.
+    baseline, final training loss at most ``(1 + loss_tol)`` times the baseline's plus
+    ``loss_abs_tol``.
 
+    The absolute slack matters when the baseline fits its training set: a final loss of
+    0.001 doubles to 0.002 by chance alone, and a ratio would call that not converging.
     Without a baseline loss curve only the metric is judged.
 
     >>> out = TrialOutcome({"accuracy": 0.95, "loss": 0.2}, loss_curve=[1.0, 0.30])
@@ -163,18 +166,24 @@ class ConvergeCriterion(_Judge):
     True
     >>> ConvergeCriterion(loss_tol=0.1).passes(out, {"accuracy": 0.96}, [1.0, 0.25])
     False
+    >>> ConvergeCriterion().passes(TrialOutcome({"accuracy": 0.96}, loss_curve=[1.0, 0.004]),
+    ...                            {"accuracy": 0.96}, [1.0, 0.001])
+    True
     """
 
     max_drop: float = 0.02
     loss_tol: float = 0.5
     metric: str = "accuracy"
     relative: bool = False
+    loss_abs_tol: float = 0.01
     name: ClassVar[str] = "converge"
 
     def __post_init__(self) -> None:
         self._check()
-        if not (isinstance(self.loss_tol, (int, float)) and self.loss_tol >= 0):
-            raise ValueError(f"loss_tol must be a number >= 0, got {self.loss_tol!r}")
+        for name in ("loss_tol", "loss_abs_tol"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
 
     def passes(
         self, outcome: TrialOutcome, baseline_metrics: Mapping[str, float],
@@ -188,7 +197,8 @@ class ConvergeCriterion(_Judge):
         if not outcome.loss_curve:
             raise ValueError("the converge criterion judges training trials; this outcome has no loss curve")
         final = float(outcome.loss_curve[-1])
-        return math.isfinite(final) and final <= float(baseline_loss_curve[-1]) * (1 + self.loss_tol)
+        limit = float(baseline_loss_curve[-1]) * (1 + self.loss_tol) + self.loss_abs_tol
+        return math.isfinite(final) and final <= limit
 
 
 @dataclass(frozen=True)
@@ -268,8 +278,9 @@ def baseline_spread(baselines: Sequence[Any], metric: str = "accuracy") -> dict[
 def make_criterion(name: str, **kw: Any) -> Criterion:
     """A criterion by name (``accuracy``, ``converge`` or ``loss``) with its options.
 
-    >>> make_criterion("converge", loss_tol=0.25).to_dict()
-    {'name': 'converge', 'max_drop': 0.02, 'loss_tol': 0.25, 'metric': 'accuracy', 'relative': False}
+    >>> make_criterion("converge", loss_tol=0.25).to_dict()  # doctest: +NORMALIZE_WHITESPACE
+    {'name': 'converge', 'max_drop': 0.02, 'loss_tol': 0.25, 'metric': 'accuracy', 'relative': False,
+     'loss_abs_tol': 0.01}
     >>> make_criterion("loss", max_rise=0.1).to_dict()
     {'name': 'loss', 'max_rise': 0.1, 'relative': True, 'metric': 'loss'}
     >>> make_criterion("f1")

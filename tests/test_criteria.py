@@ -45,7 +45,7 @@ def test_lower_is_better_for_loss_metrics():
 
 
 def test_converge_checks_metric_loss_and_divergence():
-    crit = ConvergeCriterion(max_drop=0.02, loss_tol=0.5)
+    crit = ConvergeCriterion(max_drop=0.02, loss_tol=0.5, loss_abs_tol=0.0)
     base_curve = [2.0, 0.4]
     assert crit.passes(outcome(0.89, [2.0, 0.6]), BASE, base_curve)
     assert not crit.passes(outcome(0.89, [2.0, 0.61]), BASE, base_curve)  # loss above 0.4 * 1.5
@@ -73,7 +73,7 @@ def test_passes_seeds_compares_means():
 
 def test_passes_seeds_with_baseline_objects_and_loss_curves():
     bases = [Baseline({}, {"accuracy": 0.9, "loss": 0.3}, [1.0, c], {}) for c in (0.2, 0.4)]  # mean final 0.3
-    crit = ConvergeCriterion(loss_tol=0.5)
+    crit = ConvergeCriterion(loss_tol=0.5, loss_abs_tol=0.0)
     assert crit.passes_seeds([outcome(0.9, [1.0, 0.4]), outcome(0.9, [1.0, 0.5])], bases)  # mean 0.45
     assert not crit.passes_seeds([outcome(0.9, [1.0, 0.4]), outcome(0.9, [1.0, 0.52])], bases)
 
@@ -100,3 +100,14 @@ def test_make_criterion_rejects_bad_input(name, kw, match):
 def test_to_dict_round_trip(crit):
     assert criterion_from_dict(crit.to_dict()) == crit
     assert make_criterion(crit.name) == type(crit)()
+
+
+def test_converge_allows_an_absolute_slack_above_a_fitted_baseline():
+    # A baseline that fits its training set ends near zero loss: 0.001 -> 0.004 is chance, not
+    # a failure to converge; the ratio alone would call it one, the slack does not.
+    base_curve = [2.0, 0.001]
+    assert not ConvergeCriterion(loss_abs_tol=0.0).passes(outcome(0.9, [2.0, 0.004]), BASE, base_curve)
+    assert ConvergeCriterion().passes(outcome(0.9, [2.0, 0.004]), BASE, base_curve)  # 0.0015 + 0.01
+    assert not ConvergeCriterion().passes(outcome(0.9, [2.0, 0.0116]), BASE, base_curve)
+    with pytest.raises(ValueError, match="loss_abs_tol"):
+        ConvergeCriterion(loss_abs_tol=-1)

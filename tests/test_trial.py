@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -39,6 +40,8 @@ def _same(a: TrialOutcome, b: TrialOutcome) -> bool:
     ({"mode": "qat"}, "mode must be one of"), ({"optimizer": "lbfgs"}, "optimizer: Input should be 'sgd' or 'adam'"),
     ({"master_weights": "int8"}, "master_weights: Input should be 'fp32' or 'quantized'"), ({"epochs": 0}, "epochs"),
     ({"lr": -1.0}, "lr"), ({"diverge_factor": 1.0}, "diverge_factor"), ({"batch_size": 2.5}, "batch_size"),
+    ({"lr_schedule": "step"}, "lr_schedule: Input should be 'constant' or 'cosine'"),
+    ({"epochs": 3, "stop_epoch": 4}, "stop_epoch 4 is beyond the schedule's 3 epochs"),
 ])
 def test_options_reject_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -63,6 +66,21 @@ def test_baseline_trains_and_is_deterministic(task, opts, base):
     assert again.loss_curve == base.loss_curve
     assert all(torch.equal(base.state_dict[k], again.state_dict[k]) for k in base.state_dict)
     assert not torch.equal(base.state_dict["fc1.weight"], base.init_state_dict["fc1.weight"])
+
+
+def test_cosine_schedule_sets_each_epochs_rate_and_stop_epoch_is_a_checkpoint(task, monkeypatch):
+    seen = []
+    real_set_lr = trial_mod.set_lr
+    monkeypatch.setattr(trial_mod, "set_lr", lambda opt, lr: (seen.append(lr), real_set_lr(opt, lr)))
+    full = train_baseline(task, TrialOptions(epochs=3, lr=0.06, lr_schedule="cosine"))
+    assert seen == pytest.approx([0.06 * 0.5 * (1 + math.cos(math.pi * (e + 0.5) / 3)) for e in range(3)])
+    assert seen[0] > seen[1] > seen[2] > 0
+    # The first two epochs of the 3-epoch schedule, stopped: the full run's curve up to there, not
+    # a 2-epoch schedule's (whose rates differ).
+    ckpt = train_baseline(task, TrialOptions(epochs=3, lr=0.06, lr_schedule="cosine", stop_epoch=2))
+    assert ckpt.loss_curve == full.loss_curve[:2]
+    short = train_baseline(task, TrialOptions(epochs=2, lr=0.06, lr_schedule="cosine"))
+    assert short.loss_curve[1] != full.loss_curve[1]
 
 
 def test_baseline_cache_is_reused_and_invalidated(task, opts, tmp_path, monkeypatch):
