@@ -1,63 +1,169 @@
 """Claim behind adaptive precision: bit needs change as training proceeds, following the distributions' drift.
 
-For the four image models, the fp32 baseline of each seed is checkpointed after epoch 1,
-at mid-training (epoch 5) and at the end (epoch 10). The schedule has no decay and the
-data order depends only on seed and epoch, so these are checkpoints of one run. At each
-checkpoint every (site, kind)'s post-training minimum (integer bits, accuracy within 1
-point of *that checkpoint's* fp32 accuracy) is searched and its distribution recorded.
-The change of each pair's seed-median minimum from the first to the last checkpoint is
-set against the change of each statistic (Spearman, bootstrap CI, Holm over statistics).
-
-Gradients are not covered: a gradient's minimum is a property of training, not of a
-checkpoint, and would need a training segment per checkpoint; the transformer is left out
-for time.
+For every model, each seed's fp32 run is checkpointed after its first epoch, at
+mid-training and at the end (``stop_epoch`` of the same cosine schedule, so these are
+points of one run). Weights and activations: at each checkpoint every (site, kind)'s
+post-training minimum (integer bits, within 1 point of *that checkpoint's* fp32 accuracy;
+tiny_lm: loss within 5%) is searched and its distribution recorded. Gradients, a property
+of training rather than of a checkpoint: the minimum fixed-point width of each site's
+output gradient *during* that epoch, i.e. the epoch leading to the checkpoint retrained
+from the previous checkpoint with only that gradient quantized, judged against the same
+epoch in fp32 by the model's training criterion; the gradient's distribution is recorded
+at the start of the epoch. The change of each pair's seed-median minimum from the first
+to the last checkpoint is set against the change of each statistic (Spearman, bootstrap
+CI, Holm over statistics), for all kinds together and per kind.
 
     python experiments/drift.py [--quick]
 
-Writes ``experiments/results/drift.md`` and ``drift.png``; the end checkpoint is the
-post-training search of ``per_layer_minima.py``.
+Writes ``experiments/results/drift.md`` and ``drift.png``; the end checkpoint's weights and
+activations are the post-training search of ``per_layer_minima.py``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from common import collect, md_table, ranked_bits, save_figure, sqnr_bits, study_from_args, write_result
+from common import (
+    MODELS,
+    TrialCache,
+    _absmax,
+    _record_model,
+    ensure_run,
+    fill_cache,
+    gallop_min,
+    md_table,
+    parallel,
+    ranked_bits,
+    run_dir,
+    run_options,
+    save_figure,
+    sqnr_bits,
+    study_from_args,
+    write_result,
+)
 from inference import holm, spearman_ci
 
-MODELS = ("digits_mlp", "digits_cnn", "digits_resnet", "mnist1d_mlp")
-CHECKPOINTS = (1, 5, None)  # epochs; None: the model's full schedule (10 epochs)
-QUICK_CHECKPOINTS = (1, None)  # quick mode trains 2 epochs in all
+from bitwidth.coverage import coverage
+from bitwidth.families import make_format
+from bitwidth.report.tables import distribution_table
+from bitwidth.runner import select_pairs
+from bitwidth.stats_analysis import sweep
+from bitwidth.trial import Baseline, TrialOptions, TrialOutcome, epoch_lr, run_trial, train_baseline
+from bitwidth.wrap import QuantSpec
+
 STATISTICS = ("dynamic_range", "octaves_below_max", "absmax_std", "kurtosis", "absmax", "sqnr30_bits")
 
 
-def checkpoints(study: object, epochs: Sequence[int | None]) -> pd.DataFrame:
-    """Long table of every checkpoint's runs, with an ``epoch`` column and ranked ``bits``."""
+def checkpoint_epochs(epochs: int) -> list[int]:
+    """After the first epoch, at mid-training and at the end (distinct, in order).
+
+    >>> checkpoint_epochs(10), checkpoint_epochs(4), checkpoint_epochs(2)
+    ([1, 5, 10], [1, 2, 4], [1, 2])
+    """
+    return sorted({1, max(1, epochs // 2), epochs})
+
+
+def _stop(study: Any, model: str, epoch: int) -> int | None:
+    """The run's ``stop`` of a checkpoint: None at the end (the trained model per_layer_minima searched)."""
+    return None if epoch == run_options(study, model, "ptq", 0).epochs else epoch
+
+
+def gradient_window(study: Any, model: str, seed: int, epoch: int) -> Path:
+    """Search each site's gradient minimum during ``epoch`` (1-based); cached in ``<runs>/<model>/grad_at<epoch>``."""
+    d = study.runs / model / f"grad_at{epoch}" / f"seed{seed}"
+    if (d / "minima.csv").exists():
+        return d
+    d.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    spec, full = MODELS[model], run_options(study, model, "train", seed)
+    task = spec.task()
+    # The previous checkpoint (the initial weights before epoch 1), trained on the full schedule's rates.
+    prev = train_baseline(task, run_options(study, model, "train", seed, epoch - 1 or None), cache_dir=d)
+    state = prev.init_state_dict if epoch == 1 else prev.state_dict
+    opts = TrialOptions(mode="train", seed=seed, epochs=1, lr=epoch_lr(full, epoch - 1), batch_size=full.batch_size,
+                        optimizer=full.optimizer, momentum=full.momentum, weight_decay=full.weight_decay)
+    start_point = Baseline(state, {}, [], state, [], {})
+    ref = run_trial(task, {}, opts, start_point)  # the same epoch in fp32: what the quantized ones must match
+    judge = Baseline(state, ref.metrics, ref.loss_curve, state, [], {})
+    table = coverage(task.build_model(seed), {"*": QuantSpec()}, task.example_input()).table
+    pairs = select_pairs(table, list(dict.fromkeys(table["site"])), ["gradient"])
+    rec = _record_model(task, start_point, pairs, ["gradient"], opts.calib_batches)
+    absmax, candidates = _absmax(rec), study.candidates["train"]
+    store, criterion, rows = TrialCache(d / "trials.jsonl"), spec.criterion("train"), []
+    for layer, kind in pairs:
+        def passes(n: int, layer: str = layer) -> bool:
+            fmt = make_format("fixed", n, absmax=absmax.get((layer, "gradient"), 0.0))
+            key = f"{layer}|gradient|{fmt.name}"
+            if key not in store:
+                out = run_trial(task, {layer: QuantSpec(gradient=fmt)}, opts, start_point)
+                store.put(key, {"metrics": out.metrics, "loss_curve": out.loss_curve, "diverged": out.diverged,
+                                "error": out.error})
+            got = store.get(key)
+            out = TrialOutcome(got["metrics"], got["loss_curve"] or [], [], got["diverged"], got["error"])
+            return bool(criterion.passes(out, judge.metrics, judge.loss_curve))
+
+        found = [r["min_bits"] for r in rows if r["min_bits"] is not None]
+        rows.append({"layer": layer, "kind": kind, "min_bits": gallop_min(passes, candidates,
+                                                                          int(np.median(found)) if found else None)})
+    distribution_table(rec.to_frame(), recorder=rec).to_csv(d / "stats.csv", index=False)
+    sweep(rec, "fixed", candidates)[["layer", "kind", "bits", "sqnr_db"]].to_csv(d / "sqnr.csv", index=False)
+    (d / "meta.json").write_text(json.dumps({"model": model, "seed": seed, "epoch": epoch, "reference": ref.metrics,
+                                             "trials": len(store), "wall_time_s": time.perf_counter() - start}))
+    pd.DataFrame(rows).astype({"min_bits": "Int64"}).to_csv(d / "minima.csv", index=False)
+    return d
+
+
+def _frame(d: Path, model: str, seed: int, epoch: int, candidates: Sequence[int]) -> pd.DataFrame:
+    df = pd.read_csv(d / "minima.csv").astype({"min_bits": "Int64"}).merge(
+        pd.read_csv(d / "stats.csv"), on=["layer", "kind"], how="left")
+    sq = pd.read_csv(d / "sqnr.csv").pivot_table(index=["layer", "kind"], columns="bits", values="sqnr_db")
+    sq.columns = [f"sqnr_{b}" for b in sq.columns]
+    df = df.merge(sq.reset_index(), on=["layer", "kind"], how="left")
+    df["bits"] = ranked_bits(df, candidates)
+    df["sqnr30_bits"] = sqnr_bits(df, candidates, 30.0)
+    return df.assign(model=model, seed=seed, epoch=epoch)
+
+
+def checkpoints(study: Any) -> pd.DataFrame:
+    """Long table of every checkpoint's minima (weights and activations post-training, gradients per epoch)."""
+    points = [(m, e) for m in study.models for e in checkpoint_epochs(run_options(study, m, "ptq", 0).epochs)]
+    fill_cache(study, [(m, "ptq", s, _stop(study, m, e)) for m, e in points for s in study.seeds])
+    windows = sorted([(study, m, s, e) for m, e in points for s in study.seeds],
+                     key=lambda j: -(j[1] == "tiny_lm"))  # the costliest first
+    dirs = parallel(gradient_window, windows)
     frames = []
-    for e in epochs:
-        df = collect(study, ["ptq"], epochs=e)  # type: ignore[arg-type]
-        cands = study.candidates["ptq"]  # type: ignore[attr-defined]
-        df["bits"] = ranked_bits(df, cands)
-        df["sqnr30_bits"] = sqnr_bits(df, cands, 30.0)
-        df["epoch"] = e if e is not None else (study.epochs or 10)  # type: ignore[attr-defined]
-        frames.append(df)
-    return pd.concat(frames, ignore_index=True)
+    for (m, e), s in [(p, s) for p in points for s in study.seeds]:
+        d = run_dir(study, m, "ptq", s, _stop(study, m, e))
+        ensure_run(study, m, "ptq", s, stop=_stop(study, m, e))
+        frames.append(_frame(d, m, s, e, study.candidates["ptq"]))
+    for (_, m, s, e), d in zip(windows, dirs, strict=True):
+        frames.append(_frame(d, m, s, e, study.candidates["train"]))
+    long = pd.concat(frames, ignore_index=True)
+    ends = long.groupby("model")["epoch"].agg(["min", "max"])
+    long["point"] = [("first" if e == ends.loc[m, "min"] else "end" if e == ends.loc[m, "max"] else "mid")
+                     for m, e in zip(long["model"], long["epoch"], strict=True)]
+    return long
+
+
+POINTS = ("first", "mid", "end")
 
 
 def changes(long: pd.DataFrame) -> pd.DataFrame:
-    """Per (model, site, kind): seed medians at each checkpoint, first-to-last change, seed range at the end."""
-    med = long.groupby(["model", "layer", "kind", "epoch"], sort=False)[["bits", *STATISTICS]].median()
-    first, last = long["epoch"].min(), long["epoch"].max()
-    a, b = med.xs(first, level="epoch"), med.xs(last, level="epoch")
-    out = pd.DataFrame({f"bits e{e}": med["bits"].xs(e, level="epoch") for e in sorted(long["epoch"].unique())})
+    """Per (model, site, kind): seed medians at each checkpoint, first-to-end change, seed range at the end."""
+    med = long.groupby(["model", "layer", "kind", "point"], sort=False)[["bits", *STATISTICS]].median()
+    a, b = med.xs("first", level="point"), med.xs("end", level="point")
+    present = [p for p in POINTS if p in set(long["point"])]
+    out = pd.DataFrame({f"bits {p}": med["bits"].xs(p, level="point") for p in present})
     out["Δ bits"] = b["bits"] - a["bits"]
     for s in STATISTICS:
         out[f"Δ {s}"] = b[s] - a[s]
-    out["seed range (end)"] = long[long["epoch"] == last].groupby(["model", "layer", "kind"], sort=False)[
+    out["seed range (end)"] = long[long["point"] == "end"].groupby(["model", "layer", "kind"], sort=False)[
         "bits"].agg(lambda v: v.max() - v.min())
     return out.reset_index()
 
@@ -72,59 +178,76 @@ def figure(long: pd.DataFrame) -> object:
         g = long[long["model"] == model].groupby(["layer", "kind", "epoch"], sort=False)["bits"].median()
         for (layer, kind), s in g.groupby(level=["layer", "kind"], sort=False):
             ax.plot(s.index.get_level_values("epoch"), s.to_numpy() + np.random.default_rng(len(layer)).uniform(
-                -0.08, 0.08), marker="o", ms=3, ls="-" if kind == "weight" else "--", lw=0.9, label=f"{layer} {kind}")
+                -0.08, 0.08), marker="o", ms=3, ls={"weight": "-", "activation": "--"}.get(kind, ":"), lw=0.9,
+                label=f"{layer} {kind}")
         ax.set_xlabel("epoch of the checkpoint")
         ax.set_title(model, fontsize=9)
-        ax.set_ylabel("ptq minimum (int bits)")
+        ax.set_ylabel("minimum bits (w, a: ptq int; g: fixed)")
         if len(g) <= 40:
             ax.legend(fontsize=5)
     fig.tight_layout()
     return fig
 
 
+def correlations(ch: pd.DataFrame) -> pd.DataFrame:
+    """Spearman rho of each statistic's change against the minimum's: all kinds, then each; Holm over every row."""
+    rows = []
+    for scope, g in [("all", ch), *((k, ch[ch["kind"] == k]) for k in dict.fromkeys(ch["kind"]))]:
+        for s in STATISTICS:
+            rho, p, lo, hi, n = spearman_ci(g[f"Δ {s}"], g["Δ bits"])
+            rows.append({"kinds": scope, "statistic": f"Δ {s}", "n": n, "rho": rho,
+                         "95% CI": "–" if not np.isfinite(lo) else f"[{lo:+.2f}, {hi:+.2f}]", "p": p})
+    corr = pd.DataFrame(rows)
+    corr["p (Holm)"] = holm(corr["p"].tolist())
+    return corr
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     """Search every checkpoint, relate the changes, write the result file and figure; returns its path."""
     start = time.perf_counter()
-    study, _ = study_from_args(argv, __doc__, models=MODELS)
-    long = checkpoints(study, QUICK_CHECKPOINTS if study.quick else CHECKPOINTS)
+    study, _ = study_from_args(argv, __doc__)
+    long = checkpoints(study)
     ch = changes(long)
-    rows = []
-    for s in STATISTICS:
-        rho, p, lo, hi, n = spearman_ci(ch[f"Δ {s}"], ch["Δ bits"])
-        rows.append({"statistic": f"Δ {s}", "n": n, "rho": rho, "95% CI": "–" if not np.isfinite(lo)
-                     else f"[{lo:+.2f}, {hi:+.2f}]", "p": p})
-    corr = pd.DataFrame(rows)
-    corr["p (Holm)"] = holm(corr["p"].tolist())
-    acc = long.groupby(["model", "epoch", "seed"])["layer"].first().reset_index()[["model", "epoch", "seed"]]
+    corr = correlations(ch)
+    runs = long.groupby(["model", "epoch", "seed", "kind"]).size()
     fig = save_figure(study, figure(long), "drift")
     fmt = {c: "+.3g" for c in ch.columns if c.startswith("Δ")}
+    epochs = long.groupby("model")["epoch"].agg(lambda v: ", ".join(map(str, sorted(set(v)))))
     sections = [
         "## Answer", "", _answer(ch, corr), "",
         "## Does the change follow the distributions' drift?", "",
-        "Spearman rho between the first-to-last change of each pair's minimum and the change of each statistic "
-        "(both seed medians); Holm over the rows.", "",
+        "Spearman rho between the first-to-end change of each pair's minimum and the change of each statistic "
+        "(both seed medians), over all kinds and per kind; Holm over every row. `sqnr30_bits`: the width the "
+        "30 dB SQNR rule gives on the recorded sample.", "",
         md_table(corr, {"rho": "+.2f", "p": ".2g", "p (Holm)": ".2g"}), "",
         f"![minimum against checkpoint]({fig})", "",
         "## Minimum per checkpoint", "",
-        "Seed-median integer bits at each checkpoint epoch; `seed range (end)`: max − min over seeds at the last.",
-        "", md_table(ch, fmt), "",
-        f"Checkpoints searched: {len(acc)} (model, epoch, seed) runs.", "",
+        "Checkpoint epochs per model: " + "; ".join(f"{m} {e}" for m, e in epochs.items()) + ". Seed-median "
+        "minimum at the first, middle and end checkpoint (weights and activations: integer bits post-training; "
+        "gradients: fixed-point word bits during that epoch; one above the largest candidate: none passed); "
+        "`seed range (end)`: max − min over seeds at the end.", "",
+        md_table(ch, fmt), "",
+        f"Searched: {len(runs)} (model, epoch, seed, kind) groups.", "",
     ]
     return write_result(study, "drift", "Do bit needs drift during training?", sections, time.perf_counter() - start)
 
 
 def _answer(ch: pd.DataFrame, corr: pd.DataFrame) -> str:
-    moved = ch[ch["Δ bits"] != 0]
-    beyond = ch[ch["Δ bits"].abs() > ch["seed range (end)"]]
-    up, down = int((ch["Δ bits"] > 0).sum()), int((ch["Δ bits"] < 0).sum())
+    parts = []
+    for kind, g in [("all", ch), *((k, ch[ch["kind"] == k]) for k in dict.fromkeys(ch["kind"]))]:
+        beyond = int((g["Δ bits"].abs() > g["seed range (end)"]).sum())
+        up, down = int((g["Δ bits"] > 0).sum()), int((g["Δ bits"] < 0).sum())
+        parts.append(f"{kind if kind != 'all' else 'all kinds'}: {up + down} of {len(g)} pairs change ({up} up, "
+                     f"{down} down; beyond the end's seed range {beyond})")
     defined = corr[corr["rho"].notna()]
     best = defined.loc[defined["rho"].abs().idxmax()] if len(defined) else None
+    sig = corr[corr["p (Holm)"] < 0.05]
     link = ("no statistic's change could be ranked" if best is None else
-            f"the change that best matches is {best['statistic']} (ρ = {best['rho']:+.2f}, 95% CI {best['95% CI']}, "
-            f"Holm p = {best['p (Holm)']:.2g})")
-    return (f"From the first to the last checkpoint the seed-median minimum changes for {len(moved)} of {len(ch)} "
-            f"(site, kind) pairs ({up} up, {down} down), by more than the seeds' range at the end for {len(beyond)}; "
-            f"{link}.")
+            f"the strongest link is {best['statistic']} over {best['kinds']} (ρ = {best['rho']:+.2f}, 95% CI "
+            f"{best['95% CI']}, Holm p = {best['p (Holm)']:.2g}); {len(sig)} of {len(corr)} rows "
+            "significant after Holm")
+    return ("From the first to the end checkpoint the seed-median minimum changes for " + "; ".join(parts)
+            + f". {link}.")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,28 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(r.statistic), float(r.pvalue)
 
 
+EXACT_MAX_N = 8  # up to here the p-value enumerates every permutation (8! = 40,320)
+
+
+def _exact_p(x: np.ndarray, y: np.ndarray, rho: float) -> float:
+    """Two-sided permutation p-value of Spearman's rho: scipy's t approximation says p = 0 for a
+    perfect rank order of three points, where one in three orders of three points is as extreme.
+
+    >>> _exact_p(np.array([1., 2, 3]), np.array([1., 2, 3]), 1.0)
+    0.3333333333333333
+    """
+    from itertools import permutations
+
+    from scipy.stats import rankdata
+
+    rx, ry = rankdata(x), rankdata(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = math.sqrt((rx @ rx) * (ry @ ry))
+    perms = np.array(list(permutations(ry)))
+    rhos = perms @ rx / denom
+    return float(np.mean(np.abs(rhos) >= abs(rho) - 1e-12))
+
+
 def spearman_ci(x: Sequence[float], y: Sequence[float], *, seed: int = 0,
                 boot: int = BOOT) -> tuple[float, float, float, float, int]:
     """``(rho, p, lo, hi, n)``: Spearman's rho, its p-value and a 95% percentile bootstrap interval over pairs.
@@ -57,6 +79,8 @@ def spearman_ci(x: Sequence[float], y: Sequence[float], *, seed: int = 0,
     rho, p = _spearman(xs, ys)
     if not math.isfinite(rho):
         return rho, p, math.nan, math.nan, len(xs)
+    if len(xs) <= EXACT_MAX_N:
+        p = _exact_p(xs, ys, rho)
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(boot):

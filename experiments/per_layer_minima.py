@@ -151,12 +151,12 @@ def _baseline_text(study: object, model: str, mode: str) -> str:
 
 
 def _wall_text(long: pd.DataFrame) -> str:
-    wall = long.attrs["wall"]
-    per = pd.Series({f"{m} {mode}": 0.0 for m, mode, _ in wall})
-    for (m, mode, _s), w in wall.items():
-        per[f"{m} {mode}"] += w
-    return ("Search wall time when first run (all seeds, on a shared 2-core machine): "
-            + ", ".join(f"{k} {v:.0f} s" for k, v in per.items()) + ".")
+    wall, cpu = long.attrs["wall"], long.attrs["cpu"]
+    per = pd.DataFrame({"wall": pd.Series(wall), "cpu": pd.Series(cpu)}).groupby(level=[0, 1], sort=False).sum()
+    return ("Search time when first run, summed over seeds (CPU seconds of each run's process on one torch "
+            "thread; wall seconds; runs go two at a time on the 2-core machine): "
+            + ", ".join(f"{m} {mode} {r.cpu:.0f} s CPU / {r.wall:.0f} s wall" for (m, mode), r in per.iterrows())
+            + f"; in all {per['cpu'].sum() / 60:.1f} CPU minutes.")
 
 
 if __name__ == "__main__":

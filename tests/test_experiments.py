@@ -127,7 +127,20 @@ def test_predict_min_bits_uses_the_calibration_unless_told_otherwise() -> None:
         assert (17 if pd.isna(p.min_bits) else int(p.min_bits)) == expected
 
 
-@pytest.mark.parametrize("module", ["common", "inference"])
+def test_drift_covers_every_kind_at_the_first_and_end_checkpoints(quick: dict[str, Path]) -> None:
+    text = quick["drift"].read_text().split("## Minimum per checkpoint")[1]
+    header = next(line for line in text.splitlines() if line.startswith("| model"))
+    assert "bits first" in header and "bits end" in header
+    rows = _table(text, "model")
+    assert {r[2] for r in rows} == {"weight", "activation", "gradient"}
+    cols = [c.strip() for c in header.strip("|").split(" | ")]
+    first, end, delta = cols.index("bits first"), cols.index("bits end"), cols.index("Δ bits")
+    for r in rows:  # the change is end minus first; medians of two seeds' candidates (or 9: none passed)
+        assert float(r[delta]) == float(r[end]) - float(r[first])
+        assert all(2 <= float(r[c]) <= 9 for c in (first, end))
+
+
+@pytest.mark.parametrize("module", ["common", "inference", "drift"])
 def test_experiment_helpers_doctests(module: str) -> None:
     sys.path.insert(0, str(EXPERIMENTS))
     try:
