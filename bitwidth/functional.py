@@ -30,6 +30,7 @@ import math
 import os
 import warnings
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -77,29 +78,48 @@ def _check_input(x: Tensor) -> None:
 # bit width, scale and shape. Each computes in float32 (float64 for float64 input) and
 # casts back, so half-precision inputs see exact grid arithmetic.
 
-# splitmix64's constants as int64 (torch multiplies int64 with wraparound, eager and compiled alike).
-_GOLDEN, _MIX1, _MIX2 = (c - 2**64 for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+# lowbias32's multipliers (C. Wellons' 32-bit integer hash), the second as a negative int32: a
+# product with a 32-bit value then stays within int64, and its low 32 bits are the same.
+_LB1, _LB2, _GOLDEN32, _M32 = 0x7FEB352D, 0x846CA68B - 2**32, 0x9E3779B9, 0xFFFFFFFF
 
 
-def _srl(z: Tensor, s: int) -> Tensor:
-    """Logical shift right of int64 (``>>`` is arithmetic)."""
-    return (z >> s) & ((1 << (64 - s)) - 1)
+def _lowbias32(v: Tensor) -> Tensor:
+    """lowbias32 of 32-bit values held in int64 (every intermediate masked back to 32 bits)."""
+    v = ((v ^ (v >> 16)) * _LB1) & _M32
+    v = ((v ^ (v >> 15)) * _LB2) & _M32
+    return v ^ (v >> 16)
 
 
 def _hash_uniform(seed: Tensor, like: Tensor) -> Tensor:
-    """U[0, 1) noise shaped like ``like``: splitmix64 of (seed, element index).
+    """U[0, 1) noise shaped like ``like``: a 32-bit hash of (seed, element index), see :func:`_uniform_at`.
 
-    A fused kernel computes it in registers, instead of reading a noise tensor that
-    ``torch.rand`` first had to write (about 5 ns per element on a CPU: nine times the
-    whole fused quantizer).
+    A fused kernel computes it in registers, instead of reading a noise tensor that ``torch.rand``
+    first had to write.
     """
-    # seed + index first: Inductor turns ``index * constant`` into an index expression
-    # that its one-thread CPU code vectorises wrongly for large constants (torch 2.14).
-    z = (torch.arange(like.numel(), device=like.device, dtype=torch.int64).view(like.shape) + seed) * _GOLDEN
-    z = (z ^ _srl(z, 30)) * _MIX1
-    z = (z ^ _srl(z, 27)) * _MIX2
-    bits = 24 if like.dtype == torch.float32 else 53  # the mantissa: every value exact, none reaches 1
-    return _srl(z ^ _srl(z, 31), 64 - bits).to(like.dtype) * 2.0**-bits
+    index = torch.arange(like.numel(), device=like.device, dtype=torch.int64).view(like.shape)
+    return _uniform_at(index, seed, like.dtype)
+
+
+def _uniform_at(index: Tensor, seed: Tensor | int, dtype: torch.dtype) -> Tensor:
+    """The U[0, 1) noise of the elements at flat ``index`` (int64) for ``seed``, in ``dtype``.
+
+    Element j draws ``lowbias32(lo32(v) ^ lowbias32(hi32(v)))`` with ``v = j ^ seed``: the inner
+    hash is one key per block of 2^32 elements, which the CPU kernels hash once per block, and
+    32-bit arithmetic vectorises at twice the width of 64-bit. float32 takes the draw's top 24
+    bits; float64 53 bits, 32 of them from a second draw under another key. Every value is exact.
+
+    >>> _uniform_at(torch.arange(3), 7, torch.float32).tolist()
+    [0.5802555680274963, 0.6558200716972351, 0.36044055223464966]
+    """
+    # The seed first: Inductor turns arithmetic on an index into index expressions, which its
+    # one-thread CPU code has vectorised wrongly (torch 2.14, ``index * constant``).
+    v = index ^ seed
+    lo, hi = v & _M32, v >> 32
+    draw = _lowbias32(lo ^ _lowbias32(hi))
+    if dtype == torch.float32:
+        return (draw >> 8).to(torch.float32) * 2.0**-24  # the mantissa: every value exact, none reaches 1
+    second = _lowbias32(lo ^ _lowbias32(hi ^ _GOLDEN32))
+    return ((draw >> 11) << 32 | second).to(dtype) * 2.0**-53
 
 
 def _rnd(y: Tensor, noise: Tensor | None) -> Tensor:
@@ -194,8 +214,12 @@ class _STE(torch.autograd.Function):
         return (ctx.grad_fn(g, x, *params), None, None, None) + (None,) * len(params)
 
 
-def _run(fwd, grad, x: Tensor, params: tuple[Tensor, ...], rounding: str, generator, flat_shape) -> Tensor:
-    """Reshape ``x`` to the kernel's layout, run forward (and STE backward), reshape back."""
+def _run(fwd, grad, x: Tensor, params: tuple[Tensor, ...], rounding: str, generator, flat_shape,
+         arrays: tuple | None = None) -> Tensor:
+    """Reshape ``x`` to the kernel's layout, run forward (and STE backward), reshape back.
+
+    ``arrays``: ``params`` as the compiled CPU kernels take them, where the caller has them made.
+    """
     noise = None
     if rounding == "stochastic":  # every kernel hashes its noise from one seed (see _hash_uniform)
         noise = torch.randint(2**62, (), generator=generator, device=x.device)
@@ -203,13 +227,14 @@ def _run(fwd, grad, x: Tensor, params: tuple[Tensor, ...], rounding: str, genera
     cpu = _cpu_kernels(x)
     if cpu is not None:
         fwd_c, grad_c = cpu[fwd]
-        # Once, for forward and backward; contiguous (ravel copies where needed), as the kernels
-        # were compiled for: a per-channel zero point broadcast from one number has stride 0.
-        arrays = tuple(p.detach().numpy().ravel() for p in params)
+        if arrays is None:
+            # Once, for forward and backward; contiguous (ravel copies where needed), as the kernels
+            # were compiled for: a per-channel zero point broadcast from one number has stride 0.
+            arrays = tuple(p.detach().numpy().ravel() for p in params)
         seed = -1 if noise is None else int(noise)
         if grad_on:
-            return _CpuSTE.apply(x, fwd_c, grad_c, arrays, seed, flat_shape, (grad, params))
-        return _cpu_forward(fwd_c, x, flat_shape, arrays, seed)
+            return _CpuSTE.apply(x, (fwd_c, grad_c, arrays, seed, flat_shape, grad, params))
+        return _cpu_forward(fwd_c, x, flat_shape, arrays, seed)[0]
     if _fuse["enabled"] and x.numel() >= FUSE_MIN_NUMEL:
         fwd, grad = _kernel(fwd), _kernel(grad)
     xs = x.reshape(flat_shape)
@@ -239,16 +264,19 @@ def _cpu_kernels(x: Tensor) -> dict | None:
     return cpu or None
 
 
-def _cpu_forward(kernel, x: Tensor, flat_shape, arrays: tuple, seed: int) -> Tensor:
-    """Run a compiled CPU forward kernel (``seed`` -1: nearest) on ``x`` in the kernel's layout ``flat_shape``."""
+def _cpu_forward(kernel, x: Tensor, flat_shape, arrays: tuple, seed: int) -> tuple[Tensor, np.ndarray | None]:
+    """Run a compiled CPU forward kernel (``seed`` -1: nearest) on ``x`` in the kernel's layout ``flat_shape``.
+
+    Returns the result and, where ``x`` is contiguous in its working precision, ``x`` as the kernel
+    read it (a view, which a backward kernel can read again without converting anew)."""
     xw = x.detach()
-    if xw.dtype != _wd(xw):
-        xw = xw.float()  # half precision computes in float32, as the tensor ops do
-    xw = xw.contiguous()
-    out = torch.empty(xw.shape, dtype=xw.dtype)
-    # NumPy reshapes of contiguous arrays are views, cheaper than torch's.
-    _fuse["launch"](kernel, (xw.numpy().reshape(flat_shape), out.numpy().reshape(flat_shape)), arrays, seed)
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+    same = xw.dtype == _wd(xw) and xw.is_contiguous()
+    if not same:
+        xw = xw.to(_wd(xw)).contiguous()  # half precision computes in float32, as the tensor ops do
+    # NumPy arrays and reshapes: views, made faster than torch's.
+    xn, y = xw.numpy().reshape(flat_shape), torch.empty_like(xw)
+    _fuse["launch"](kernel, (xn, y.numpy().reshape(flat_shape)), arrays, seed)
+    return (y if y.dtype == x.dtype else y.to(x.dtype)), (xn if same else None)
 
 
 # Gradient kernels copy bits (or zero): they see a gradient as integers of its width, so every
@@ -260,51 +288,65 @@ _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16,
 class _CpuSTE(torch.autograd.Function):
     """:class:`_STE` on compiled CPU kernels. The parameters travel as NumPy arrays, and the
     kernel's layout stays inside: two reshapes on the graph would cost more than the kernels
-    on 4,096 values. A backward that must itself be differentiable (``create_graph=True``)
-    runs the tensor-op gradient ``eager``, with the same values."""
+    on 4,096 values. ``call`` is (forward kernel, backward kernel, arrays, seed, layout, and the
+    tensor-op gradient with its parameters): one argument, since each costs ``apply`` time. A
+    backward that must itself be differentiable (``create_graph=True``) runs that tensor-op
+    gradient, with the same values."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, fwd, grad_fn, arrays: tuple, seed: int, flat_shape, eager) -> Tensor:  # type: ignore[override]
-        ctx.grad_fn, ctx.arrays, ctx.flat_shape, ctx.eager = grad_fn, arrays, flat_shape, eager
-        ctx.save_for_backward(x)
-        return _cpu_forward(fwd, x, flat_shape, arrays, seed)
+    def forward(ctx, x: Tensor, call: tuple) -> Tensor:  # type: ignore[override]
+        fwd, _, arrays, seed, flat_shape, _, _ = call
+        ctx.call = call
+        ctx.save_for_backward(x)  # x, for autograd's check that nothing changed it in place since
+        y, ctx.x_read = _cpu_forward(fwd, x, flat_shape, arrays, seed)
+        return y
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         (x,) = ctx.saved_tensors
+        _, grad_kernel, arrays, _, flat, grad_fn, params = ctx.call
         if torch.is_grad_enabled():
-            grad_fn, params = ctx.eager
-            gx = grad_fn(g.reshape(ctx.flat_shape), x.reshape(ctx.flat_shape), *params).reshape(x.shape)
-            return gx, None, None, None, None, None, None
-        flat = ctx.flat_shape
+            return grad_fn(g.reshape(flat), x.reshape(flat), *params).reshape(x.shape), None
+        xn = ctx.x_read
+        if xn is None:  # forward converted or copied x: again, rather than keep a copy alive till now
+            xn = x.detach().to(_wd(x)).contiguous().numpy().reshape(flat)
         bits = g.contiguous().view(_BITS[g.dtype])
-        out = torch.empty(bits.shape, dtype=bits.dtype)
-        xw = (x.detach() if x.dtype == _wd(x) else x.detach().float()).contiguous()
-        data = (bits.numpy().reshape(flat), xw.numpy().reshape(flat), out.numpy().reshape(flat))
-        _fuse["launch"](ctx.grad_fn, data, ctx.arrays)
-        return out.view(g.dtype), None, None, None, None, None, None
+        out = torch.empty_like(bits)
+        _fuse["launch"](grad_kernel, (bits.numpy().reshape(flat), xn, out.numpy().reshape(flat)), arrays)
+        return out.view(g.dtype), None
 
 
 def _as_param(v: Tensor | float, dtype: torch.dtype, device: torch.device) -> Tensor:
     if isinstance(v, Tensor):
         return v.to(device=device, dtype=dtype)
-    # The sign tells 0.0 from -0.0, which are one key to a dict.
-    return _number_param(v, math.copysign(1.0, v), dtype, device)
+    return _numbers((v,), (dtype,), device)[0][0]
 
 
-def _number_param(v: float, sign: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+_sign = functools.partial(math.copysign, 1.0)
+
+
+def _numbers(values: tuple[float, ...], dtypes: tuple[torch.dtype, ...], device: torch.device
+             ) -> tuple[tuple[Tensor, ...], tuple[np.ndarray, ...] | None]:
+    """Numbers as 0-dim parameter tensors of ``dtypes``, and on the CPU as the compiled kernels'
+    1-element arrays of them as well (None elsewhere).
+
+    >>> _numbers((0.5, -3), (torch.float32, torch.int32), torch.device("cpu"))
+    ((tensor(0.5000), tensor(-3, dtype=torch.int32)), (array([0.5], dtype=float32), array([-3], dtype=int32)))
+    """
     if torch.compiler.is_compiling():  # a traced graph makes its own constants
-        return torch.tensor(v, dtype=dtype, device=device)
-    return _cached_number_param(v, sign, dtype, device)
+        return tuple(torch.tensor(v, dtype=d, device=device) for v, d in zip(values, dtypes, strict=True)), None
+    # The signs tell 0.0 from -0.0, which are one key to a dict.
+    return _cached_numbers(values, tuple(map(_sign, values)), dtypes, device)
 
 
 @functools.lru_cache(maxsize=1024)
-def _cached_number_param(v: float, sign: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A number as a 0-dim tensor, made once: building one costs more than quantizing 4,096 values
-    (and a copy to an accelerator). The kernels never write their parameters. Never an inference
-    tensor, which autograd could not save later."""
+def _cached_numbers(values: tuple, signs: tuple, dtypes: tuple, device: torch.device) -> tuple:
+    """:func:`_numbers`, made once: building them costs more than quantizing 4,096 values (and a
+    copy to an accelerator). The kernels never write their parameters. Never inference tensors,
+    which autograd could not save later."""
     with torch.inference_mode(False):
-        return torch.tensor(v, dtype=dtype, device=device)
+        tensors = tuple(torch.tensor(v, dtype=d, device=device) for v, d in zip(values, dtypes, strict=True))
+    return tensors, (tuple(t.numpy().reshape(1) for t in tensors) if device.type == "cpu" else None)
 
 
 # The positive finite range of a scale in each working precision (smallest subnormal to max).
@@ -312,7 +354,8 @@ _SCALE_RANGE = {d: (torch.finfo(d).smallest_normal * torch.finfo(d).eps, torch.f
                 for d in (torch.float32, torch.float64)}
 
 
-def _check_qparams(scale: Tensor | float, zero_point: Tensor | int, s: Tensor, zp: Tensor, wd: torch.dtype) -> None:
+def _check_qparams(scale: Tensor | float, zero_point: Tensor | int, s: Tensor | None, zp: Tensor | None,
+                   wd: torch.dtype) -> None:
     """Scales must be positive and finite in the working precision, zero points finite.
 
     A number is checked on the host; a tensor costs one reduction (a sync on an accelerator).
@@ -394,6 +437,11 @@ def quantize_int(
     if qmin >= qmax:
         raise ValueError(f"qmin must be below qmax, got qmin={qmin}, qmax={qmax}")
     wd, dev = _wd(x), x.device
+    if axis is None and not isinstance(scale, Tensor) and not isinstance(zero_point, Tensor):
+        # The common case, made lean: four numbers, one cache lookup, no channel layout.
+        _check_qparams(scale, zero_point, None, None, wd)
+        params, arrays = _numbers((scale, zero_point, qmin, qmax), (wd,) * 4, dev)
+        return _run(_int_kernel, _int_grad, x, params, rounding, generator, (1, 1, -1), arrays)
     s, zp = _as_param(scale, wd, dev), _as_param(zero_point, wd, dev)
     _check_qparams(scale, zero_point, s, zp, wd)
     return _quantize_int(x, s, zp, qmin, qmax, axis, rounding, generator)
@@ -507,13 +555,8 @@ def quantize_float(
         max_value = math.floor(top[0] / step) * step
     wd, dev = _wd(x), x.device
     it = torch.int64 if wd == torch.float64 else torch.int32  # the kernel's exponent arithmetic
-    params = (
-        _as_param(man, it, dev),
-        _as_param(emin, it, dev),
-        _as_param(emin - man if subnormals else emin, it, dev),
-        _as_param(max_value, wd, dev),
-    )
-    return _run(_float_kernel, _float_grad, x, params, rounding, generator, (-1,))
+    params, arrays = _numbers((man, emin, emin - man if subnormals else emin, max_value), (it, it, it, wd), dev)
+    return _run(_float_kernel, _float_grad, x, params, rounding, generator, (-1,), arrays)
 
 
 class _GradQuant(torch.autograd.Function):

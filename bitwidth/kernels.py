@@ -5,7 +5,7 @@ Each kernel reads its input once and writes its output once: the forward quantiz
 straight-through masks. They compute exactly what the tensor-op kernels in
 ``functional`` compute, operation for operation in the same precision (float32, or
 float64 for float64 input), so results are bit-identical; stochastic rounding draws the
-same splitmix64 noise from the same seed and element index.
+same lowbias32 noise from the same seed and element index.
 
 Each kernel is a serial loop that releases the GIL; :func:`launch` splits a large tensor
 into one chunk per torch intra-op thread and runs the chunks on Python threads. That keeps
@@ -39,7 +39,7 @@ from pathlib import Path
 import numba
 import numpy as np
 import torch
-from llvmlite import binding
+from llvmlite import binding, ir
 from numba import njit
 from numba.core import config as numba_config
 from numba.extending import intrinsic, overload
@@ -101,30 +101,64 @@ def _float_from_bits(typingctx, i):
 
 # ----------------------------------------------------------------------------- rounding
 
-# splitmix64, as functional._hash_uniform computes it (there in int64 with wraparound).
-_GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+# The noise of element j is lowbias32 (C. Wellons' 32-bit integer hash) of lo32(j ^ seed) under a
+# key hashed from hi32(j ^ seed), as functional._hash_uniform computes it. 32-bit arithmetic: a
+# vector register multiplies twice as many lanes of it as of 64 bits (AVX2 has no 64-bit multiply
+# at all); the key is one value per block of 2^32 elements, so the loop over a block hashes once.
+_M32 = 0xFFFFFFFF
+_GOLDEN32 = np.uint32(0x9E3779B9)  # float64's second draw hashes its key with this
 
 
-def _unit(z, like):
-    """The top mantissa bits of the hash ``z`` as U[0, 1), in the precision of ``like`` (every value exact)."""
+@intrinsic
+def _lowbias32(typingctx, i, base, key):
+    """lowbias32((uint32(i) + base) ^ key) in 32-bit arithmetic: numba widens uint32 arithmetic to
+    64 bits; truncating a loop's index itself here lets LLVM count it in 32-bit vector lanes."""
 
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        v = builder.xor(builder.add(builder.trunc(args[0], i32), args[1]), args[2])
+        for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+            v = builder.mul(builder.xor(v, builder.lshr(v, ir.Constant(i32, shift))), ir.Constant(i32, multiplier))
+        return builder.xor(v, builder.lshr(v, ir.Constant(i32, 16)))
 
-@overload(_unit)
-def _unit_impl(z, like):
-    if like.bitwidth == 64:
-        return lambda z, like: np.float64(z >> np.uint64(11)) * 2.0**-53
-    return lambda z, like: np.float32(np.int32(z >> np.uint64(40))) * np.float32(2.0**-24)
+    return numba.uint32(i, numba.uint32, numba.uint32), codegen
 
 
 @njit(inline="always")
-def _stochastic(y, seed: int, i: int):
-    """Round up with probability frac(y); the noise is hashed from ``seed`` and the element index ``i``."""
-    z = (np.uint64(i) + np.uint64(seed)) * _GOLDEN
-    z = (z ^ (z >> _S30)) * _MIX1
-    z = (z ^ (z >> _S27)) * _MIX2
+def _noise_keys(seed: int, j: int, n: int):
+    """The noise of the elements from global index ``j`` on, as far as its block of 2^32 reaches,
+    and how many of the next ``n`` that is: (lo32(j), the block's key of each 32-bit draw), count.
+
+    Element ``j + i`` draws ``lowbias32((uint32(i) + keys[0]) ^ keys[d])``."""
+    hi, zero, k0 = (j ^ seed) >> 32, np.uint32(0), np.uint32(seed & _M32)
+    keys = (np.uint32(j & _M32), np.uint32(k0 ^ _lowbias32(hi, zero, zero)),
+            np.uint32(k0 ^ _lowbias32(hi, zero, _GOLDEN32)))
+    return keys, min(n, (1 << 32) - (j & _M32))
+
+
+def _unit(i, keys, like):
+    """U[0, 1) noise of element ``i`` of the run ``keys`` belong to, in the precision of ``like`` (every
+    value exact): the top 24 bits of one draw for float32, 21 + 32 bits of two draws for float64."""
+
+
+@overload(_unit)
+def _unit_impl(i, keys, like):
+    if like.bitwidth == 64:
+        def wide(i, keys, like):
+            top = np.int64(_lowbias32(i, keys[0], keys[1]) >> np.uint32(11))
+            return np.float64((top << 32) | np.int64(_lowbias32(i, keys[0], keys[2]))) * 2.0**-53
+
+        return wide
+    return lambda i, keys, like: np.float32(np.int32(_lowbias32(i, keys[0], keys[1]) >> np.uint32(8))) * np.float32(
+        2.0**-24)
+
+
+@njit(inline="always")
+def _stochastic(y, i: int, keys):
+    """Round up with probability frac(y), the noise of element ``i`` of the run ``keys`` belong to."""
     f = np.floor(y)
-    return f + (_unit(z ^ (z >> _S31), y) < y - f)  # y - floor(y) is exact, so P(up) == frac(y)
+    # y - floor(y) is exact, so P(up) == frac(y); a float32 one adds in either precision, exactly
+    return f + np.float32(1.0) if _unit(i, keys, y) < y - f else f
 
 
 def _exponent(a):
@@ -183,8 +217,11 @@ def int_forward(x, out, scale, zp, qmin, qmax, seed, offset):
                     ys[i] = _dequantized(np.rint(xs[i] / s) + z, s, z, lo, hi)
             else:
                 first = (o * channels + c) * inner + offset  # the noise follows the flat element index
-                for i in range(inner):
-                    ys[i] = _dequantized(_stochastic(xs[i] / s, seed, first + i) + z, s, z, lo, hi)
+                while xs.size:  # one block, but where a row crosses a multiple of 2^32
+                    keys, count = _noise_keys(seed, first, xs.size)
+                    for i in range(count):  # from 0: an index LLVM knows is not negative
+                        ys[i] = _dequantized(_stochastic(xs[i] / s, i, keys) + z, s, z, lo, hi)
+                    xs, ys, first = xs[count:], ys[count:], first + count
 
 
 @_compiled
@@ -230,10 +267,13 @@ def float_forward(x, out, man, emin, kmin, max_value, seed, offset):
             step = _float_step(a, m, e0, k0)
             out[i] = _saturated(np.rint(a / step) * step, mv, x[i])
     else:
-        for i in range(x.size):
-            a = abs(x[i])
-            step = _float_step(a, m, e0, k0)
-            out[i] = _saturated(_stochastic(a / step, seed, offset + i) * step, mv, x[i])
+        while x.size:  # one block, but where a chunk crosses a multiple of 2^32
+            keys, count = _noise_keys(seed, offset, x.size)
+            for i in range(count):  # from 0: an index LLVM knows is not negative
+                a = abs(x[i])
+                step = _float_step(a, m, e0, k0)
+                out[i] = _saturated(_stochastic(a / step, i, keys) * step, mv, x[i])
+            x, out, offset = x[count:], out[count:], offset + count
 
 
 @_compiled

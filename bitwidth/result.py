@@ -117,7 +117,8 @@ def failure_reason(row: Mapping[str, Any], criterion: Mapping[str, Any] | None, 
 
     One or more causes joined by ``"; "``: ``error: …``, ``diverged``, the metric against
     its threshold (``accuracy 81.0% < 95.0%``), and for ``converge`` the final training
-    loss against ``(1 + loss_tol)`` times fp32's (``train loss 1.9 > 1.5 (1.5x fp32)``).
+    loss against ``(1 + loss_tol)`` times fp32's plus ``loss_abs_tol``
+    (``train loss 1.9 > 1.5 (1.5x fp32)``, ``train loss 0.02 > 0.0115 (1.5x fp32 + 0.01)``).
     ``row`` holds ``metric`` (the criterion's metric, mean over seeds), ``error``,
     ``diverged`` and ``train_loss`` where known; ``baseline_metric`` and
     ``baseline_train_loss`` are fp32's (means over seeds).
@@ -125,6 +126,8 @@ def failure_reason(row: Mapping[str, Any], criterion: Mapping[str, Any] | None, 
     >>> crit = {"name": "converge", "max_drop": 0.02, "loss_tol": 0.5, "metric": "accuracy", "relative": False}
     >>> failure_reason({"metric": 0.97, "train_loss": 1.9}, crit, 0.97, 1.0)
     'train loss 1.9 > 1.5 (1.5x fp32)'
+    >>> failure_reason({"metric": 0.97, "train_loss": 0.02}, {**crit, "loss_abs_tol": 0.01}, 0.97, 0.001)
+    'train loss 0.02 > 0.0115 (1.5x fp32 + 0.01)'
     >>> failure_reason({"metric": 0.81, "train_loss": 0.9}, crit, 0.97, 1.0)
     'accuracy 81.0% < 95.0%'
     >>> failure_reason({"metric": float("nan"), "error": "RuntimeError: boom"}, crit, 0.97)
@@ -152,11 +155,14 @@ def failure_reason(row: Mapping[str, Any], criterion: Mapping[str, Any] | None, 
             causes.append(_compare(name, value, "<", limit))
     train_loss, base_loss = as_float(row.get("train_loss")), as_float(baseline_train_loss)
     if crit.get("name") == "converge" and math.isfinite(base_loss):
-        factor = 1 + float(crit.get("loss_tol", 0.5))
+        # A dict written before loss_abs_tol existed was judged without it.
+        factor, slack = 1 + float(crit.get("loss_tol", 0.5)), float(crit.get("loss_abs_tol", 0.0))
+        limit = base_loss * factor + slack
         if not math.isfinite(train_loss) and "train_loss" in row:
             causes.append(f"train loss {train_loss}")
-        elif train_loss > base_loss * factor:
-            causes.append(f"{_compare('train loss', train_loss, '>', base_loss * factor)} ({factor:g}x fp32)")
+        elif train_loss > limit:
+            causes.append(f"{_compare('train loss', train_loss, '>', limit)} ({factor:g}x fp32"
+                          + (f" + {slack:g})" if slack else ")"))
     return "; ".join(causes) or "fails the criterion"
 
 

@@ -3,7 +3,7 @@
 For every model (digits MLP, CNN and ResNet, an MNIST-1D MLP, the byte-level transformer)
 and mode (post-training integer quantization; training with fixed-point weights,
 activations and gradients), each (site, kind) is quantized alone and its candidates
-bisected, on each seed's own fp32 baseline. The per-seed minima show the seed spread; a
+searched (:func:`common.gallop_min`), on each seed's own fp32 baseline. The per-seed minima show the seed spread; a
 Kruskal-Wallis test per (model, mode, kind) asks whether the sites differ by more than
 the seeds do (Holm-corrected over all those tests).
 
@@ -129,10 +129,11 @@ def _answer(tests: pd.DataFrame, long: pd.DataFrame) -> str:
     varied = tests[tests["site spread"] > tests["median seed range"]]
     train = long[long["mode"] == "train"]
     fails = train.groupby("model", sort=False)["min_bits"].apply(lambda v: f"{int(v.isna().sum())}/{len(v)}")
-    floor = (f" In training mode {int(train['min_bits'].isna().sum())} of {len(train)} (site, kind, seed) searches "
-             f"fail even at the largest candidate ({', '.join(f'{m} {v}' for m, v in fails.items())}): a retrained "
-             "run with one tensor at 16 bits can miss the criterion by chance, which limits how precisely "
-             "training-mode minima are measured." if len(train) else "")
+    none = int(train["min_bits"].isna().sum())
+    floor = (f" In training mode {none} of {len(train)} (site, kind, seed) searches fail even at the largest "
+             f"candidate ({', '.join(f'{m} {v}' for m, v in fails.items())})"
+             + (": a retrained run with one tensor at 16 bits can miss the criterion by chance, which limits how "
+                "precisely training-mode minima are measured." if none else ".") if len(train) else "")
     return (f"In {len(varied)} of {len(tests)} (model, mode, kind) groups the sites' median minima spread wider "
             f"than the median seed range; {len(sig)} of {len(tests)} groups differ between sites at Holm-corrected "
             f"p < 0.05 (Kruskal-Wallis over the seeds' minima). Groups where they differ: "

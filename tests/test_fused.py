@@ -2,10 +2,12 @@
 every size, torch.compile's fused kernels on CUDA. Bit for bit, values and gradients; NaN stays
 NaN (which NaN is unspecified: torch's own vector and scalar paths return different ones)."""
 
+import numpy as np
 import pytest
 import torch
 
 from bitwidth import functional as F
+from bitwidth import kernels
 
 # Not multiples of any vector width (vector tails); the largest reaches the fused size on CUDA.
 SMALL, ODD, LARGE = 7 * 13, 7 * 1237, 7 * 11 * 54472
@@ -165,3 +167,54 @@ def test_cuda_equals_cpu(case):
     """The same formats give the same values on CUDA and on the CPU kernels."""
     x = data(ODD)
     assert_same_bits(CASES[case](x.cuda()).cpu(), CASES[case](x))
+
+
+# ----------------------------------------------------------------------------- the noise hash
+
+def stochastic_both_paths(fn, x, monkeypatch):
+    y = fn(x)
+    with monkeypatch.context() as m:
+        m.setitem(F._fuse, "enabled", False)
+        return y, fn(x)
+
+
+@needs_compile
+@pytest.mark.parametrize("n", [1, 4097, (1 << 20) + 3], ids=["1", "4097", "2^20+3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_stochastic_noise_of_kernels_equals_eager_for_every_seed(n, dtype, monkeypatch):
+    x = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3).to(dtype)
+    for seed in (0, 1, 2**31 - 1, 2**32 + 5, 2**62 - 1):
+        for fn in (lambda t, s: F.quantize_int(t, 0.1, 2, -128, 127, rounding="stochastic", generator=s),
+                   lambda t, s: F.quantize_float(t, 4, 3, rounding="stochastic", generator=s)):
+            y, ref = stochastic_both_paths(lambda t: fn(t, torch.Generator().manual_seed(seed)), x, monkeypatch)  # noqa: B023
+            assert_same_bits(y, ref)
+
+
+@needs_compile
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=str)
+def test_kernel_noise_across_a_block_of_2_to_the_32(dtype):
+    """Each block of 2^32 elements has its own key: a chunk that crosses into the next one draws the
+    noise of its global indices there too (a tensor that large is too large to test whole)."""
+    first, n, seed = 2**32 - 100, 300, 123456789
+    frac = np.random.default_rng(0).random(n).astype(dtype)  # x/scale: up with probability frac
+    out, p = np.empty_like(frac), lambda v: np.array([v], dtype)
+    kernels.int_forward(frac.reshape(1, 1, -1), out.reshape(1, 1, -1), p(1.0), p(0.0), p(-9), p(9), seed, first)
+    noise = F._uniform_at(torch.arange(first, first + n), seed, torch.float32 if dtype == np.float32 else torch.float64)
+    assert np.array_equal(out, (noise.numpy() < frac).astype(dtype))
+    assert 0 < out[:100].sum() < 100 and 0 < out[100:].sum() < 200
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_noise_is_uniform_and_uncorrelated(dtype):
+    """The hash's draws: uniform over [0, 1) (chi-square over 256 bins), and neighbours, draws of the
+    same index under nearby seeds, and draws across a block boundary uncorrelated."""
+    n = 1 << 20
+    u = F._uniform_at(torch.arange(n), 42, dtype).double()
+    assert 0 <= u.min() and u.max() < 1
+    counts = torch.bincount((u * 256).long(), minlength=256).double()
+    chi2 = ((counts - n / 256) ** 2 / (n / 256)).sum().item()
+    assert chi2 < 255 + 6 * (2 * 255) ** 0.5  # 6 sigma of chi-square with 255 degrees of freedom
+    assert abs(u.mean().item() - 0.5) < 6 * (1 / 12 / n) ** 0.5
+    for other in (u.roll(1), F._uniform_at(torch.arange(n), 43, dtype).double(),
+                  F._uniform_at(torch.arange(n) + 2**32, 42, dtype).double()):
+        assert abs(torch.corrcoef(torch.stack([u, other]))[0, 1].item()) < 6 / n**0.5
