@@ -215,6 +215,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     epochs = long.groupby("model")["epoch"].agg(lambda v: ", ".join(map(str, sorted(set(v)))))
     sections = [
         "## Answer", "", _answer(ch, corr), "",
+        "A caveat on gradients: a later epoch's window trains at the cosine schedule's smaller rate, and a "
+        "model that fits its data has many tiny gradients (a wider dynamic range), so a falling gradient minimum "
+        "and a widening gradient distribution may both just follow training progress; this design cannot "
+        "separate the two.", "",
         "## Does the change follow the distributions' drift?", "",
         "Spearman rho between the first-to-end change of each pair's minimum and the change of each statistic "
         "(both seed medians), over all kinds and per kind; Holm over every row. `sqnr30_bits`: the width the "
@@ -243,7 +247,7 @@ def _answer(ch: pd.DataFrame, corr: pd.DataFrame) -> str:
     best = defined.loc[defined["rho"].abs().idxmax()] if len(defined) else None
     sig = corr[corr["p (Holm)"] < 0.05]
     link = ("no statistic's change could be ranked" if best is None else
-            f"the strongest link is {best['statistic']} over {best['kinds']} (ρ = {best['rho']:+.2f}, 95% CI "
+            f"The strongest link is {best['statistic']} over {best['kinds']} (ρ = {best['rho']:+.2f}, 95% CI "
             f"{best['95% CI']}, Holm p = {best['p (Holm)']:.2g}); {len(sig)} of {len(corr)} rows "
             "significant after Holm")
     return ("From the first to the end checkpoint the seed-median minimum changes for " + "; ".join(parts)

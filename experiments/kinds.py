@@ -38,11 +38,12 @@ def per_kind(long: pd.DataFrame) -> pd.DataFrame:
 
 
 def paired(long: pd.DataFrame) -> pd.DataFrame:
-    """Per (model, comparison): site-by-site differences of seed medians, sign test, Holm over the table."""
+    """Per (model, comparison), then pooled over models: site-by-site differences of seed medians,
+    sign test, Holm over the table."""
     med = long.groupby(["model", "layer", "kind"], sort=False)["bits"].median().unstack("kind")
     rows = []
-    for model in dict.fromkeys(long["model"]):
-        m = med.loc[model]
+    for model in [*dict.fromkeys(long["model"]), "all models"]:
+        m = med if model == "all models" else med.loc[model]
         for a, b in COMPARISONS:
             d = (m[a] - m[b]).dropna()
             pos, neg, p = sign_test(d.tolist())
@@ -104,11 +105,10 @@ def _answer(tests: pd.DataFrame) -> str:
     for r in tests[tests["comparison"] == "gradient − weight"].to_dict("records"):
         if r["sites"] == 0:
             continue
-        verdict = "yes" if r["more"] > r["fewer"] else "no" if r["more"] < r["fewer"] else "no difference"
-        sig = "significant" if r["p (Holm)"] < 0.05 else "not significant after Holm"
-        parts.append(f"{r['model']}: {verdict} ({r['more']} of {r['sites']} sites more, {r['fewer']} fewer, mean "
+        sig = f"Holm p = {r['p (Holm)']:.2g}" + ("" if r["p (Holm)"] < 0.05 else ", not significant")
+        parts.append(f"{r['model']}: more at {r['more']} of {r['sites']} sites, fewer at {r['fewer']} (mean "
                      f"{r['mean difference']:+.1f} bits; {sig})")
-    return "Gradient minus weight minimum, per model: " + "; ".join(parts) + "."
+    return "Gradient minus weight minimum (seed medians, site by site): " + "; ".join(parts) + "."
 
 
 if __name__ == "__main__":
