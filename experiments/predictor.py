@@ -10,14 +10,15 @@ the four other models for that (mode, kind); the old uncalibrated rule uses 30 d
 Intervals: 95% bootstrap over (model, site, kind) clusters, so a pair's seeds are
 resampled together.
 
-Variants, all fitted per (mode, kind) on the other models only (:data:`VARIANTS`; which
-were fixed before the held-out results were seen is stated in the result file): the
-midpoint of the SQNR rule and the median (no parameter beyond those two); the rule plus
+Variants, all fitted per (mode, kind) on the other models only (:data:`VARIANTS`): a
+least-squares line of the minimum on the dynamic range (the default since these
+measurements); the midpoint of the SQNR rule and the median (the previous default); the rule plus
 the median residual of the training models; a weighted mix of rule and median (weight
-fitted on a 0.1 grid); least-squares lines of the minimum on the rule's bits, on the dynamic range (octaves), on rule,
-dynamic range and log2 kurtosis together, and on the SQNR at 4 and 8 bits. Regressions
-are rounded to the nearest candidate. :func:`bitwidth.predict_min_bits` ships the
-variant that won within one bit pooled, if it beat both the rule and the median.
+fitted on a 0.1 grid); least-squares lines on the rule's bits, on rule, dynamic range
+and log2 kurtosis together, and on the SQNR at 4 and 8 bits. Regressions are rounded to
+the nearest candidate. A nested run chooses the variant inside each fold, which is what
+choosing is worth on an unseen model. :func:`bitwidth.predict_min_bits` ships the line on
+dynamic range fitted on all five models (``linear_dynamic_range`` in the JSON).
 
     python experiments/predictor.py [--quick]
 
@@ -47,14 +48,15 @@ TARGET = 0.80  # the issue's target: within one bit for 80% of held-out pairs
 WEIGHTS = np.round(np.arange(0.0, 1.01, 0.1), 1)  # the rule's weight in the fitted mix of rule and median
 # Every predictor validated: column of the held-out table -> its description. ``pred`` is the shipped default.
 VARIANTS = {
-    "pred": "midpoint of SQNR rule and median (default)",
+    "pred": "linear on dynamic range (default)",
+    "nested": "variant chosen by inner leave-one-model-out",
+    "midpoint": "midpoint of SQNR rule and median (the previous default)",
     "rule": "calibrated SQNR rule",
     "median": "median of the other models (baseline)",
     "rule30": "30 dB SQNR rule (uncalibrated)",
     "offset": "SQNR rule + median residual",
     "mix": "fitted mix w·rule + (1−w)·median",
     "ols_rule": "linear on rule bits",
-    "ols_range": "linear on dynamic range",
     "ols_three": "linear on rule bits, dynamic range, log2 kurtosis",
     "ols_sqnr": "linear on SQNR at 4 and 8 bits",
 }
@@ -123,7 +125,7 @@ def _variants(train: pd.DataFrame, test: pd.DataFrame, candidates: Sequence[int]
     rule_tr = sqnr_bits(train, candidates, threshold).to_numpy()
     rule = sqnr_bits(test, candidates, threshold).to_numpy()
     w = _fit_mix(rule_tr, median, y, candidates)
-    out = {"pred": np.array([float(midpoint_bits(r, median, candidates)) for r in rule]),
+    out = {"midpoint": np.array([float(midpoint_bits(r, median, candidates)) for r in rule]),
            "rule": rule, "median": np.full(len(test), median),
            "rule30": sqnr_bits(test, candidates, 30.0).to_numpy(),
            "offset": _snap(rule + float(np.median(y - rule_tr)), candidates),
@@ -132,7 +134,34 @@ def _variants(train: pd.DataFrame, test: pd.DataFrame, candidates: Sequence[int]
     for name, x in f_tr.items():
         beta = np.linalg.lstsq(np.c_[np.ones(len(x)), x], y, rcond=None)[0]
         out[name] = _snap(np.c_[np.ones(len(f_te[name])), f_te[name]] @ beta, candidates)
+    out["pred"] = out.pop("ols_range")
     return out
+
+
+def line_on_dynamic_range(rows: pd.DataFrame) -> tuple[float, float]:
+    """(intercept, slope): least squares of the minimum on the dynamic range, as the ``pred`` variant fits it."""
+    x = rows["dynamic_range"].fillna(0.0).to_numpy(dtype=float)
+    beta = np.linalg.lstsq(np.c_[np.ones(len(x)), x], rows["bits"].to_numpy(dtype=float), rcond=None)[0]
+    return round(float(beta[0]), 4), round(float(beta[1]), 4)
+
+
+def nested_selection(rows: pd.DataFrame, held: pd.DataFrame,
+                     candidates: dict[str, Sequence[int]]) -> tuple[np.ndarray, dict[str, str]]:
+    """The ``nested`` column: per held-out model, the variant that scored best within one bit in a
+    leave-one-model-out run on the *other* models only, and that variant's predictions for it.
+
+    This is what choosing the best variant is worth on a model none of the choice saw; the
+    pooled table's best variant was chosen on all of them, so its own figure is optimistic.
+    """
+    pool = [c for c in VARIANTS if c not in ("nested", "rule30")]
+    out, chosen = np.full(len(held), np.nan), {}
+    for model in dict.fromkeys(held["model"]):
+        inner = leave_one_model_out(rows[rows["model"] != model], candidates)
+        best = max(pool, key=lambda c: float(((inner[c] - inner["bits"]).abs() <= 1).mean()))
+        chosen[model] = VARIANTS[best]
+        mask = (held["model"] == model).to_numpy()
+        out[mask] = held.loc[mask, best].to_numpy(dtype=float)
+    return out, chosen
 
 
 def leave_one_model_out(rows: pd.DataFrame, candidates: dict[str, Sequence[int]]) -> pd.DataFrame:
@@ -157,40 +186,44 @@ def leave_one_model_out(rows: pd.DataFrame, candidates: dict[str, Sequence[int]]
     return pd.concat(out, ignore_index=True)
 
 
-def _cluster_boot(held: pd.DataFrame, fn: callable, seed: int = 0) -> tuple[float, float]:
-    clusters = held.groupby(["model", "mode", "layer", "kind"], sort=False).indices
-    ids = list(clusters.values())
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(BOOT):
-        pick = rng.integers(0, len(ids), len(ids))
-        draws.append(fn(held.iloc[np.concatenate([ids[i] for i in pick])]))
+def _cluster_boot(held: pd.DataFrame, values: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean of per-row ``values``, resampling (model, mode, site, kind) clusters.
+
+    Vectorised: each cluster's sum and row count once, then every resample at once, so a
+    table of a hundred intervals takes seconds, not minutes.
+    """
+    codes = held.groupby(["model", "mode", "layer", "kind"], sort=False).ngroup().to_numpy()
+    k = int(codes.max()) + 1
+    sums = np.bincount(codes, weights=np.asarray(values, dtype=float), minlength=k)
+    counts = np.bincount(codes, minlength=k).astype(float)
+    pick = np.random.default_rng(seed).integers(0, k, (BOOT, k))
+    draws = sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
     lo, hi = np.percentile(draws, [2.5, 97.5])
     return float(lo), float(hi)
 
 
-def _within1(col: str) -> callable:
-    return lambda s: float(((s[col] - s["bits"]).abs() <= 1).mean())
+def _within1(held: pd.DataFrame, col: str) -> np.ndarray:
+    return ((held[col] - held["bits"]).abs() <= 1).to_numpy(dtype=float)
 
 
 def accuracy_table(held: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """Exact and within-one-bit fractions of the default (midpoint), the SQNR rule, the median and the 30 dB rule."""
+    """Exact and within-one-bit fractions of the default, the SQNR rule, the median and the 30 dB rule."""
     rows = []
     groups = held.groupby(by, sort=False) if by else [("all", held)]
     for key, g in groups:
         row = dict(zip(by, key if isinstance(key, tuple) else (key,), strict=False)) if by else {"scope": "all"}
         row["n"] = len(g)
         row["pairs"] = g.groupby(["model", "mode", "layer", "kind"]).ngroups
-        for col, name in (("pred", "midpoint"), ("rule", "SQNR rule"), ("median", "median"), ("rule30", "30 dB")):
+        for col, name in (("pred", "default"), ("rule", "SQNR rule"), ("median", "median"), ("rule30", "30 dB")):
             d = (g[col] - g["bits"]).abs()
             row[f"{name} exact"] = float((d == 0).mean())
             row[f"{name} ±1"] = float((d <= 1).mean())
-        for col, name in (("pred", "midpoint"), ("rule", "SQNR rule"), ("median", "median")):
+        for col, name in (("pred", "default"), ("rule", "SQNR rule"), ("median", "median")):
             row[f"{name} ±1 step"] = float((g[f"{col}_step"] <= 1).mean())
-        lo, hi = _cluster_boot(g, _within1("pred"))
-        row["midpoint ±1 95% CI"] = f"[{lo:.0%}, {hi:.0%}]"
-        lo, hi = _cluster_boot(g, lambda s: _within1("pred")(s) - _within1("median")(s))
-        row["±1: midpoint − median, 95% CI"] = f"[{lo:+.0%}, {hi:+.0%}]"
+        lo, hi = _cluster_boot(g, _within1(g, "pred"))
+        row["default ±1 95% CI"] = f"[{lo:.0%}, {hi:.0%}]"
+        lo, hi = _cluster_boot(g, _within1(g, "pred") - _within1(g, "median"))
+        row["±1: default − median, 95% CI"] = f"[{lo:+.0%}, {hi:+.0%}]"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -202,12 +235,12 @@ def variants_table(held: pd.DataFrame) -> pd.DataFrame:
         for col, name in VARIANTS.items():
             d = (g[col] - g["bits"]).abs()
             exact, within = float((d == 0).mean()), float((d <= 1).mean())
-            elo, ehi = _cluster_boot(g, lambda s, c=col: float((s[c] == s["bits"]).mean()))
-            lo, hi = _cluster_boot(g, _within1(col))
+            elo, ehi = _cluster_boot(g, (g[col] == g["bits"]).to_numpy(dtype=float))
+            lo, hi = _cluster_boot(g, _within1(g, col))
             row = {"scope": scope, "variant": name, "n": len(g), "exact": exact,
                    "exact 95% CI": f"[{elo:.0%}, {ehi:.0%}]", "±1": within, "±1 95% CI": f"[{lo:.0%}, {hi:.0%}]"}
             if col != "median":
-                dlo, dhi = _cluster_boot(g, lambda s, c=col: _within1(c)(s) - _within1("median")(s))
+                dlo, dhi = _cluster_boot(g, _within1(g, col) - _within1(g, "median"))
                 row["±1 − median, 95% CI"] = f"[{dlo:+.0%}, {dhi:+.0%}]"
             rows.append(row)
     return pd.DataFrame(rows).fillna("—")
@@ -222,7 +255,7 @@ def figure(held: pd.DataFrame) -> object:
         g = held[held["mode"] == mode]
         if g.empty:
             continue
-        for col, colour, label in (("pred", "tab:blue", "midpoint of rule and median (default)"),
+        for col, colour, label in (("pred", "tab:blue", "linear on dynamic range (default)"),
                                    ("rule", "tab:green", "calibrated SQNR rule"), ("rule30", "tab:red", "30 dB")):
             counts = g.groupby(["bits", col]).size().reset_index(name="n")
             ax.scatter(counts["bits"], counts[col], s=12 * counts["n"], alpha=0.5, color=colour, label=label)
@@ -244,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     long = collect(study, MODES)
     long["bits"] = pd.concat([ranked_bits(long[long["mode"] == m], study.candidates[m]) for m in MODES])
     held = leave_one_model_out(long, study.candidates)
+    held["nested"], chosen = nested_selection(long, held, study.candidates)
     overall = accuracy_table(held, [])
     per_mode = accuracy_table(held, ["mode"])
     per_model = accuracy_table(held, ["mode", "model"])
@@ -256,9 +290,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
                           for mode in MODES},
         "median_bits": {FAMILY_OF_MODE[mode]: {kind: b for (m, kind), b in medians.items() if m == mode}
                         for mode in MODES},
+        "linear_dynamic_range": {FAMILY_OF_MODE[mode]: {kind: list(line_on_dynamic_range(g))
+                                                        for (m, kind), g in long.groupby(["mode", "kind"]) if m == mode}
+                                 for mode in MODES},
         "validation": {FAMILY_OF_MODE[r["mode"]]: {
             "n": r["n"], "models": int(held.loc[held["mode"] == r["mode"], "model"].nunique()),
-            "exact": round(r["midpoint exact"], 3), "within1": round(r["midpoint ±1"], 3),
+            "exact": round(r["default exact"], 3), "within1": round(r["default ±1"], 3),
             "rule_exact": round(r["SQNR rule exact"], 3), "rule_within1": round(r["SQNR rule ±1"], 3),
             "median_exact": round(r["median exact"], 3), "median_within1": round(r["median ±1"], 3)}
             for r in per_mode.to_dict("records")},
@@ -274,12 +311,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
     sections = [
         "## Answer", "", _answer(overall, per_mode, variants), "",
         "## Variants tried", "",
-        "All fitted per (mode, kind) on the four other models only. The midpoint, offset and linear variants were "
-        "specified together before any held-out number was seen (the linear fits' feature transforms were then "
-        "corrected once: dynamic range is already in octaves); the fitted mix was added after. The default is "
-        "the variant with the highest pooled within-one-bit, picked after seeing them all, so its lead is the "
-        "best of several and optimistic. Regressions and mixes are rounded to the nearest candidate (ties: "
-        "fewer bits). `±1 − median`: difference in within-one-bit from the median baseline.", "",
+        "All fitted per (mode, kind) on the four other models only. Every variant was specified in an earlier "
+        "round, on earlier measurements (a constant learning rate, fewer training-mode sites), where the midpoint "
+        "won with 70% within one bit and the line on dynamic range reached 54%; on these measurements the line "
+        "wins and is the default. Picking the best of eight on the same data is optimistic, so the `nested` row "
+        "makes the choice inside each fold: the variant that scores best in a leave-one-model-out run on the "
+        "four training models alone predicts the fifth (chosen per held-out model: "
+        + "; ".join(f"{m}: {v}" for m, v in chosen.items()) + "). Regressions and mixes are rounded to the "
+        "nearest candidate (ties: fewer bits). `±1 − median`: difference in within-one-bit from the median "
+        "baseline.", "",
         md_table(variants, {"exact": ".0%", "±1": ".0%"}), "",
         "## Leave-one-model-out accuracy", "",
         "`n`: held-out (site, kind, seed) rows; `pairs`: distinct (model, mode, site, kind). `±1`: predicted "
@@ -301,25 +341,27 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 def _answer(overall: pd.DataFrame, per_mode: pd.DataFrame, variants: pd.DataFrame) -> str:
     r = overall.iloc[0]
-    meets = r["midpoint ±1"] >= TARGET and r["midpoint ±1"] > r["median ±1"]
-    modes = "; ".join(f"{m['mode']}: {m['midpoint ±1']:.0%} within one bit ({m['midpoint exact']:.0%} exact) "
+    if math.isnan(r["default ±1"]):
+        return "No held-out rows."
+    meets = r["default ±1"] >= TARGET and r["default ±1"] > r["median ±1"]
+    modes = "; ".join(f"{m['mode']}: {m['default ±1']:.0%} within one bit ({m['default exact']:.0%} exact) "
                       f"against {m['median ±1']:.0%} ({m['median exact']:.0%}) for the median and "
                       f"{m['SQNR rule ±1']:.0%} for the SQNR rule"
                       for m in per_mode.to_dict("records"))
-    pooled = variants[variants["scope"] == "all"]
-    others = pooled[~pooled["variant"].isin([VARIANTS[c] for c in ("pred", "rule", "median", "rule30")])]
+    pooled = variants[variants["scope"] == "all"].set_index("variant")
+    nested, mid = pooled.loc[VARIANTS["nested"]], pooled.loc[VARIANTS["midpoint"]]
     verdict = "meets" if meets else "does not meet"
-    nan_ok = not math.isnan(r["midpoint ±1"])
-    return (f"Held out one model at a time, the midpoint of the calibrated SQNR rule and the median predicts "
-            f"{r['midpoint ±1']:.0%} of {int(r['n'])} (site, kind, seed) rows within one bit (95% CI "
-            f"{r['midpoint ±1 95% CI']}) and {r['midpoint exact']:.0%} exactly; the calibrated SQNR rule alone "
-            f"{r['SQNR rule ±1']:.0%} and {r['SQNR rule exact']:.0%}; predicting the median of the other models "
-            f"{r['median ±1']:.0%} and {r['median exact']:.0%}; the uncalibrated 30 dB rule {r['30 dB ±1']:.0%} and "
-            f"{r['30 dB exact']:.0%}. Difference in within-one-bit, midpoint − median: "
-            f"{r['±1: midpoint − median, 95% CI']} (95% CI). By mode: {modes}. The other variants (fitted offset, "
-            f"fitted mix, linear fits) reach {others['±1'].min():.0%}–{others['±1'].max():.0%} within one bit. "
-            + (f"It {verdict} the target (≥ {TARGET:.0%} within one bit and better than the median baseline)."
-               if nan_ok else ""))
+    return (f"Held out one model at a time, a line in each stream's dynamic range (fitted per mode and kind on "
+            f"the other four models) predicts {r['default ±1']:.0%} of {int(r['n'])} (site, kind, seed) rows within "
+            f"one bit (95% CI {r['default ±1 95% CI']}) and {r['default exact']:.0%} exactly; predicting the median "
+            f"of the other models {r['median ±1']:.0%} and {r['median exact']:.0%}; the calibrated SQNR rule "
+            f"{r['SQNR rule ±1']:.0%} and {r['SQNR rule exact']:.0%}; the uncalibrated 30 dB rule "
+            f"{r['30 dB ±1']:.0%} and {r['30 dB exact']:.0%}. Difference in within-one-bit, default − median: "
+            f"{r['±1: default − median, 95% CI']} (95% CI). By mode: {modes}. The default was chosen among eight "
+            f"variants on these data; chosen inside each fold instead (nested), the procedure reaches "
+            f"{nested['±1']:.0%} within one bit (95% CI {nested['±1 95% CI']}); the previous default, the midpoint "
+            f"of rule and median, {mid['±1']:.0%}. It {verdict} the target (≥ {TARGET:.0%} within one bit and "
+            "better than the median baseline).")
 
 
 if __name__ == "__main__":

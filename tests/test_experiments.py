@@ -21,7 +21,6 @@ import torch
 
 import bitwidth as bw
 from bitwidth import predict
-from bitwidth.stats_analysis import sweep
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 # Quick modes of these search digits_mlp only; the predictor's needs a second model to hold out (slow).
@@ -107,24 +106,29 @@ def test_shipped_calibration_is_the_committed_result() -> None:
     assert predict.CALIBRATION == shipped
     assert predict.MEDIAN_BITS == {(f, k): b for f, kinds in calib["median_bits"].items() for k, b in kinds.items()}
     assert predict.VALIDATION == calib["validation"]
+    assert predict.LINEAR == {(f, k): tuple(line) for f, kinds in calib["linear_dynamic_range"].items()
+                              for k, line in kinds.items()}
 
 
 def test_predict_min_bits_uses_the_calibration_unless_told_otherwise() -> None:
+    from bitwidth.histogram import histogram_stats
+
     _ = torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 8))
     with bw.record(model, kinds=("weight", "activation")) as rec:
-        model(torch.randn(32, 64))
+        model(torch.randn(32, 64) * torch.logspace(-3, 0, 64))  # activations spanning octaves
     pred = bw.predict_min_bits(rec, "int", range(2, 17))
     assert list(pred["threshold_db"]) == [predict.threshold_db("int", k) for k in pred["kind"]]
     assert str(pred["min_bits"].dtype) == "Int64"
     old = bw.predict_min_bits(rec, "int", range(2, 17), sqnr_db=30.0)
     assert (old["threshold_db"] == 30.0).all()
-    rule = predict.predict_from_sweep(sweep(rec, "int", range(2, 17)), "int",
-                                      {k: predict.threshold_db("int", k) for k in pred["kind"]})
-    for p, r in zip(pred.itertuples(), rule.itertuples(), strict=True):  # the default: midpoint of rule and median
-        rule_bits = 17 if pd.isna(r.min_bits) else int(r.min_bits)
-        expected = predict.midpoint_bits(rule_bits, predict.MEDIAN_BITS[("int", p.kind)], range(2, 17))
+    ranges = {(r.layer, r.kind): r.dynamic_range for r in histogram_stats(rec.hist_frame()).itertuples()}
+    for p in pred.itertuples():  # the default: the line on dynamic range, rounded to a candidate
+        a, b = predict.LINEAR[("int", p.kind)]
+        expected = predict.nearest_candidate(a + b * ranges[(p.layer, p.kind)], range(2, 17))
         assert (17 if pd.isna(p.min_bits) else int(p.min_bits)) == expected
+    # A wider range predicts at least as many bits (both slopes are positive).
+    assert all(line[1] > 0 for line in predict.LINEAR.values())
 
 
 def test_drift_covers_every_kind_at_the_first_and_end_checkpoints(quick: dict[str, Path]) -> None:

@@ -343,9 +343,9 @@ def _claim_text(dist: pd.DataFrame, corr: pd.DataFrame, ctx: _Context) -> str:
         from ..predict import validation_text
 
         validated = validation_text(ctx.family or "")
-        text += (f" The calibrated predictor (bitwidth.predict: the candidate nearest the midpoint of the fewest "
-                 f"bits whose SQNR on the recorded sample reaches a threshold fitted to measured minima and the "
-                 f"median minimum of the calibration models; "
+        text += (f" The calibrated predictor (bitwidth.predict: a line in each distribution's dynamic range, the "
+                 f"octaves between its 1st and 99.99th percentile of |x|, fitted to measured minima and rounded to "
+                 f"a candidate; "
                  f"{validated or 'not validated for this family: it uses the uncalibrated 30 dB rule'}), made from "
                  f"each distribution and the calibration, equals the measured minimum for "
                  f"{int((diff == 0).sum())} of {len(both)} pairs here and is within one bit for "

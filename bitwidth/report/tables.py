@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from ..cost import COST_MEASURES, CostModel, LayerCost
+from ..histogram import histogram_stats
 from ..result import as_float
 from ..search import plan_label
 from ..wrap import KINDS, QuantSpec, plan_from_dict
@@ -61,7 +62,7 @@ STATISTICS = {
     "kurtosis": "excess kurtosis: tail weight (0 for a Gaussian)",
     "octaves_below_max": "log2(absmax / median nonzero |x|): octaves between the typical and the largest value",
     "dynamic_range": "log2(p99.99 / p1 of nonzero |x|): octaves the bulk of the values spans",
-    "predicted_bits": "bits the calibrated predictor gives: midpoint of the fitted SQNR rule's bits and the median",
+    "predicted_bits": "bits the calibrated predictor gives: a line in the dynamic range fitted to measured minima",
 }
 
 # Short axis labels for the same statistics.
@@ -166,31 +167,6 @@ def sensitivity_table(trials: pd.DataFrame, layers: Sequence[str] = ()) -> pd.Da
 # ----------------------------------------------------------------------------- why: distributions
 
 
-def _hist_quantile(lo: np.ndarray, hi: np.ndarray, n: np.ndarray, q: float) -> float:
-    """The q-quantile of |x| from log2 histogram bins, interpolated geometrically inside the bin."""
-    total = n.sum()
-    if total == 0:
-        return math.nan
-    cum = np.cumsum(n)
-    i = int(np.searchsorted(cum, q * total))
-    i = min(i, len(n) - 1)
-    before = cum[i] - n[i]
-    frac = (q * total - before) / n[i]
-    return float(lo[i] * (hi[i] / lo[i]) ** frac) if lo[i] > 0 else float(hi[i] * frac)
-
-
-def _hist_stats(hist: pd.DataFrame) -> pd.DataFrame:
-    rows = []
-    for (layer, kind), h in hist.groupby(["layer", "kind"], sort=False):
-        lo, hi, n = (h[c].to_numpy(dtype=float) for c in ("lo", "hi", "n"))
-        med, p1, p9999 = (_hist_quantile(lo, hi, n, q) for q in (0.5, 0.01, 0.9999))
-        absmax = max(abs(float(h["min"].iloc[0])), abs(float(h["max"].iloc[0])))
-        rows.append({"layer": layer, "kind": kind,
-                     "octaves_below_max": math.log2(absmax / med) if med > 0 else math.nan,
-                     "dynamic_range": math.log2(p9999 / p1) if p1 > 0 else math.nan})
-    return pd.DataFrame(rows, columns=["layer", "kind", "octaves_below_max", "dynamic_range"])
-
-
 def _first_step(frame: pd.DataFrame) -> pd.DataFrame:
     """Raw (not quantized) rows of the first recorded step: the distribution the search started from."""
     if "quantized" in frame.columns:
@@ -219,7 +195,7 @@ def distribution_table(stats: pd.DataFrame, min_bits: pd.DataFrame | None = None
     table = raw[keep].copy()
     table["absmax_std"] = table["absmax"] / table["std"].where(table["std"] > 0)
     if recorder is not None:
-        table = table.merge(_hist_stats(_first_step(recorder.hist_frame())), on=["layer", "kind"], how="left")
+        table = table.merge(histogram_stats(_first_step(recorder.hist_frame())), on=["layer", "kind"], how="left")
         if family in ("int", "fixed") and candidates:
             from ..predict import predict_min_bits
 
