@@ -9,7 +9,9 @@ of training rather than of a checkpoint: the minimum fixed-point width of each s
 output gradient *during* that epoch, i.e. the epoch leading to the checkpoint retrained
 from the previous checkpoint with only that gradient quantized, judged against the same
 epoch in fp32 by the model's training criterion; the gradient's distribution is recorded
-at the start of the epoch. The change of each pair's seed-median minimum from the first
+at the start of the epoch. A control repeats the gradient epochs at the first epoch's
+learning rate, since the schedule's smaller late rates alone could lower the gradients'
+needs. The change of each pair's seed-median minimum from the first
 to the last checkpoint is set against the change of each statistic (Spearman, bootstrap
 CI, Holm over statistics), for all kinds together and per kind.
 
@@ -74,9 +76,14 @@ def _stop(study: Any, model: str, epoch: int) -> int | None:
     return None if epoch == run_options(study, model, "ptq", 0).epochs else epoch
 
 
-def gradient_window(study: Any, model: str, seed: int, epoch: int) -> Path:
-    """Search each site's gradient minimum during ``epoch`` (1-based); cached in ``<runs>/<model>/grad_at<epoch>``."""
-    d = study.runs / model / f"grad_at{epoch}" / f"seed{seed}"
+def gradient_window(study: Any, model: str, seed: int, epoch: int, rate: str = "schedule") -> Path:
+    """Search each site's gradient minimum during ``epoch`` (1-based); cached in ``<runs>/<model>/grad_at<epoch>``.
+
+    ``rate``: ``schedule`` trains the epoch at its own rate of the cosine schedule; ``first``
+    at the first epoch's rate at every checkpoint (``gradlr1_at<epoch>``), the control that
+    keeps a smaller late learning rate from passing for a change of the gradients' needs.
+    """
+    d = study.runs / model / f"{'grad' if rate == 'schedule' else 'gradlr1'}_at{epoch}" / f"seed{seed}"
     if (d / "minima.csv").exists():
         return d
     d.mkdir(parents=True, exist_ok=True)
@@ -86,7 +93,8 @@ def gradient_window(study: Any, model: str, seed: int, epoch: int) -> Path:
     # The previous checkpoint (the initial weights before epoch 1), trained on the full schedule's rates.
     prev = train_baseline(task, run_options(study, model, "train", seed, epoch - 1 or None), cache_dir=d)
     state = prev.init_state_dict if epoch == 1 else prev.state_dict
-    opts = TrialOptions(mode="train", seed=seed, epochs=1, lr=epoch_lr(full, epoch - 1), batch_size=full.batch_size,
+    lr = epoch_lr(full, epoch - 1 if rate == "schedule" else 0)
+    opts = TrialOptions(mode="train", seed=seed, epochs=1, lr=lr, batch_size=full.batch_size,
                         optimizer=full.optimizer, momentum=full.momentum, weight_decay=full.weight_decay)
     start_point = Baseline(state, {}, [], state, [], {})
     ref = run_trial(task, {}, opts, start_point)  # the same epoch in fp32: what the quantized ones must match
@@ -130,21 +138,27 @@ def _frame(d: Path, model: str, seed: int, epoch: int, candidates: Sequence[int]
     return df.assign(model=model, seed=seed, epoch=epoch)
 
 
-def checkpoints(study: Any) -> pd.DataFrame:
-    """Long table of every checkpoint's minima (weights and activations post-training, gradients per epoch)."""
+def checkpoints(study: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Long tables of every checkpoint's minima: weights and activations post-training with gradients per
+    epoch at the schedule's rate; and the control, gradients per epoch all at the first epoch's rate."""
     points = [(m, e) for m in study.models for e in checkpoint_epochs(run_options(study, m, "ptq", 0).epochs)]
     fill_cache(study, [(m, "ptq", s, _stop(study, m, e)) for m, e in points for s in study.seeds])
-    windows = sorted([(study, m, s, e) for m, e in points for s in study.seeds],
+    windows = sorted([(study, m, s, e, rate) for m, e in points for s in study.seeds for rate in ("schedule", "first")],
                      key=lambda j: -(j[1] == "tiny_lm"))  # the costliest first
     dirs = parallel(gradient_window, windows)
+    control = []
     frames = []
     for (m, e), s in [(p, s) for p in points for s in study.seeds]:
         d = run_dir(study, m, "ptq", s, _stop(study, m, e))
         ensure_run(study, m, "ptq", s, stop=_stop(study, m, e))
         frames.append(_frame(d, m, s, e, study.candidates["ptq"]))
-    for (_, m, s, e), d in zip(windows, dirs, strict=True):
-        frames.append(_frame(d, m, s, e, study.candidates["train"]))
-    long = pd.concat(frames, ignore_index=True)
+    for (_, m, s, e, rate), d in zip(windows, dirs, strict=True):
+        (frames if rate == "schedule" else control).append(_frame(d, m, s, e, study.candidates["train"]))
+    return _points(pd.concat(frames, ignore_index=True)), _points(pd.concat(control, ignore_index=True))
+
+
+def _points(long: pd.DataFrame) -> pd.DataFrame:
+    """Label each row's checkpoint ``first``, ``mid`` or ``end`` of its model's."""
     ends = long.groupby("model")["epoch"].agg(["min", "max"])
     long["point"] = [("first" if e == ends.loc[m, "min"] else "end" if e == ends.loc[m, "max"] else "mid")
                      for m, e in zip(long["model"], long["epoch"], strict=True)]
@@ -206,19 +220,20 @@ def main(argv: Sequence[str] | None = None) -> Path:
     """Search every checkpoint, relate the changes, write the result file and figure; returns its path."""
     start = time.perf_counter()
     study, _ = study_from_args(argv, __doc__)
-    long = checkpoints(study)
-    ch = changes(long)
+    long, control = checkpoints(study)
+    ch, ch_ctrl = changes(long), changes(control)
     corr = correlations(ch)
+    corr_ctrl = correlations(ch_ctrl)
+    corr_ctrl = corr_ctrl[corr_ctrl["kinds"] == "all"].drop(columns="kinds")
     runs = long.groupby(["model", "epoch", "seed", "kind"]).size()
     fig = save_figure(study, figure(long), "drift")
     fmt = {c: "+.3g" for c in ch.columns if c.startswith("Δ")}
     epochs = long.groupby("model")["epoch"].agg(lambda v: ", ".join(map(str, sorted(set(v)))))
     sections = [
         "## Answer", "", _answer(ch, corr), "",
-        "A caveat on gradients: a later epoch's window trains at the cosine schedule's smaller rate, and a "
-        "model that fits its data has many tiny gradients (a wider dynamic range), so a falling gradient minimum "
-        "and a widening gradient distribution may both just follow training progress; this design cannot "
-        "separate the two.", "",
+        "Control for the gradients: a later epoch trains at the cosine schedule's smaller rate, which alone "
+        "could lower its gradients' needs. Retraining every checkpoint's epoch at the *first* epoch's rate "
+        "instead: " + _control_answer(ch_ctrl, corr_ctrl), "",
         "## Does the change follow the distributions' drift?", "",
         "Spearman rho between the first-to-end change of each pair's minimum and the change of each statistic "
         "(both seed medians), over all kinds and per kind; Holm over every row. `sqnr30_bits`: the width the "
@@ -231,9 +246,23 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "gradients: fixed-point word bits during that epoch; one above the largest candidate: none passed); "
         "`seed range (end)`: max − min over seeds at the end.", "",
         md_table(ch, fmt), "",
+        "### Control: gradients, every epoch at the first epoch's rate", "",
+        md_table(corr_ctrl, {"rho": "+.2f", "p": ".2g", "p (Holm)": ".2g"}), "",
+        md_table(ch_ctrl, {c: "+.3g" for c in ch_ctrl.columns if c.startswith("Δ")}), "",
         f"Searched: {len(runs)} (model, epoch, seed, kind) groups.", "",
     ]
     return write_result(study, "drift", "Do bit needs drift during training?", sections, time.perf_counter() - start)
+
+
+def _control_answer(ch: pd.DataFrame, corr: pd.DataFrame) -> str:
+    up, down = int((ch["Δ bits"] > 0).sum()), int((ch["Δ bits"] < 0).sum())
+    defined = corr[corr["rho"].notna()]
+    best = defined.loc[defined["rho"].abs().idxmax()] if len(defined) else None
+    link = ("no statistic's change could be ranked" if best is None else
+            f"the strongest link is {best['statistic']} (ρ = {best['rho']:+.2f}, 95% CI {best['95% CI']}, "
+            f"Holm p over this table's rows = {best['p (Holm)']:.2g})")
+    return (f"{up + down} of {len(ch)} gradient pairs change from the first to the end checkpoint ({up} up, "
+            f"{down} down); {link}.")
 
 
 def _answer(ch: pd.DataFrame, corr: pd.DataFrame) -> str:
