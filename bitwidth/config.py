@@ -100,6 +100,13 @@ Bits = _integer(0, 32)  # 0: no fraction or mantissa bits (fixed_frac, float); e
 Seed = _integer(0, MAX_SEED)
 
 
+def _ordered_kinds(v: list[str]) -> list[str]:
+    """At least one kind, in the canonical order (weight, activation, gradient)."""
+    if not v:
+        raise ValueError(f"needs at least one of {list(KIND_NAMES)}")
+    return [k for k in KIND_NAMES if k in v]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -194,12 +201,7 @@ class SearchConfig(_Section):
             raise ValueError("needs at least one bit width")
         return sorted(set(v))
 
-    @field_validator("kinds")
-    @classmethod
-    def _kinds(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError(f"needs at least one of {list(KIND_NAMES)}")
-        return [k for k in KIND_NAMES if k in v]
+    _kinds = field_validator("kinds")(classmethod(lambda cls, v: _ordered_kinds(v)))
 
 
 class CriterionConfig(_Section):
@@ -300,12 +302,7 @@ class AdaptiveConfig(_Section):
     uniform: list[_integer(2, 32)] = Field(default_factory=list)  # type: ignore[valid-type]
     static_plan: str | None = None
 
-    @field_validator("kinds")
-    @classmethod
-    def _kinds(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError(f"needs at least one of {list(KIND_NAMES)}")
-        return [k for k in KIND_NAMES if k in v]
+    _kinds = field_validator("kinds")(classmethod(lambda cls, v: _ordered_kinds(v)))
 
 
 def _policy_errors(adaptive: Any) -> list[str]:
