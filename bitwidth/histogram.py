@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pandas as pd
 
-__all__ = ["hist_quantile", "histogram_stats"]
+__all__ = ["first_raw_step", "hist_quantile", "histogram_stats"]
 
 
 def hist_quantile(lo: np.ndarray, hi: np.ndarray, n: np.ndarray, q: float) -> float:
@@ -47,3 +47,17 @@ def histogram_stats(hist: pd.DataFrame) -> pd.DataFrame:
                      "octaves_below_max": math.log2(absmax / med) if med > 0 else math.nan,
                      "dynamic_range": math.log2(p9999 / p1) if p1 > 0 else math.nan})
     return pd.DataFrame(rows, columns=["layer", "kind", "octaves_below_max", "dynamic_range"])
+
+
+def first_raw_step(frame: pd.DataFrame) -> pd.DataFrame:
+    """Raw (not quantized) rows of the first recorded step: the distribution a search starts from.
+
+    >>> f = pd.DataFrame({"step": [0, 0, 1], "quantized": [False, True, False], "n": [1, 2, 3]})
+    >>> first_raw_step(f)["n"].tolist()
+    [1]
+    """
+    if "quantized" in frame.columns:
+        frame = frame[~frame["quantized"].astype(bool)]
+    if "step" in frame.columns and len(frame):
+        frame = frame[frame["step"] == frame["step"].min()]
+    return frame

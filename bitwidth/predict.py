@@ -167,8 +167,8 @@ def predict_from_sweep(sw: pd.DataFrame, family: str, thresholds: Mapping[str, f
             hit = picked.iloc[0] if len(picked) else None
         elif medians is not None and kind in medians:
             rule = hit["bits"] if hit is not None else grid[-1] + 1
-            chosen = g[g["bits"] == midpoint_bits(rule, medians[kind], grid)]
-            hit = chosen.iloc[0] if len(chosen) else None
+            mid = g[g["bits"] == midpoint_bits(rule, medians[kind], grid)]
+            hit = mid.iloc[0] if len(mid) else None
         rows.append({**g.iloc[0][keys].to_dict(), "family": family,
                      "min_bits": None if hit is None else int(hit["bits"]),
                      "format": None if hit is None else hit["format"],
@@ -202,7 +202,7 @@ def predict_min_bits(recorder: Recorder, family: str, candidates: Iterable[int],
     >>> predict_min_bits(rec, "int", range(2, 9), sqnr_db=30)[["layer", "min_bits", "format"]].values.tolist()
     [['0', 6, 'int6']]
     """
-    from .histogram import histogram_stats
+    from .histogram import first_raw_step, histogram_stats
     from .stats_analysis import sweep  # stats_analysis re-exports this function: import it when called
 
     sw = sweep(recorder, family, candidates, **options)
@@ -213,12 +213,8 @@ def predict_min_bits(recorder: Recorder, family: str, candidates: Iterable[int],
     medians = {k: MEDIAN_BITS[(family, k)] for k in kinds if (family, k) in MEDIAN_BITS}
     chosen = None
     if any((family, k) in LINEAR for k in kinds):
-        hist = recorder.hist_frame()
-        if "quantized" in hist.columns:
-            hist = hist[~hist["quantized"].astype(bool)]
-        if "step" in hist.columns and len(hist):
-            hist = hist[hist["step"] == hist["step"].min()]
         grid = sorted(int(b) for b in sw["bits"].unique())
         chosen = {(r.layer, r.kind): linear_bits(r.dynamic_range, LINEAR[(family, r.kind)], grid)
-                  for r in histogram_stats(hist).itertuples() if (family, r.kind) in LINEAR}
+                  for r in histogram_stats(first_raw_step(recorder.hist_frame())).itertuples()
+                  if (family, r.kind) in LINEAR}
     return predict_from_sweep(sw, family, thresholds, medians, chosen)

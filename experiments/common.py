@@ -51,8 +51,8 @@ from bitwidth.wrap import QuantSpec
 
 __all__ = [
     "FAMILY_OF_MODE", "HERE", "MODELS", "ModelSpec", "RESULTS", "RUNS", "Study", "TrialCache", "collect",
-    "ensure_run", "fill_cache", "gallop_min", "md_table", "parallel", "ranked_bits", "run_options", "save_figure",
-    "seed_summary", "sqnr_bits", "study_from_args", "write_result",
+    "ensure_run", "fill_cache", "gallop_min", "md_table", "parallel", "ranked_bits", "read_run", "run_options",
+    "run_table", "save_figure", "search_minima", "seed_summary", "sqnr_bits", "study_from_args", "write_result",
 ]
 
 HERE = Path(__file__).resolve().parent
@@ -234,22 +234,52 @@ def ensure_run(study: Study, model: str, mode: str, seed: int, *, stop: int | No
         return _ensure_run(study, model, mode, seed, d, stop, log)
 
 
-def _is_cached(study: Study, model: str, mode: str, seed: int, stop: int | None) -> bool:
-    """Whether the run's search finished with the study's candidates and the model's current options."""
+def _cached_meta(study: Study, model: str, mode: str, seed: int, stop: int | None) -> dict[str, Any] | None:
+    """The run's metadata if its search finished with the study's candidates and the model's current options."""
     meta_path = run_dir(study, model, mode, seed, stop) / "meta.json"
     if not meta_path.exists():
-        return False
+        return None
     meta = json.loads(meta_path.read_text())
     options = json.loads(json.dumps(run_options(study, model, mode, seed, stop).to_dict()))
-    return meta.get("candidates") == list(study.candidates[mode]) and meta.get("options") == options
+    fresh = meta.get("candidates") == list(study.candidates[mode]) and meta.get("options") == options
+    return meta if fresh else None
+
+
+def search_minima(pairs: Sequence[tuple[str, str]], candidates: Sequence[int], store: TrialCache,
+                  format_of: Callable[[str, str, int], Any], trial: Callable[[dict], TrialOutcome],
+                  passes: Callable[[TrialOutcome], bool]) -> pd.DataFrame:
+    """Each (site, kind)'s minimum, quantized alone: ``format_of(site, kind, bits)`` runs through
+    ``trial(plan)`` (each outcome kept in ``store``) and is judged by ``passes``.
+
+    The search of a pair starts at the median minimum of the pairs of its kind found so far:
+    sites of one model and kind need similar widths, so most pairs cost two trials.
+    """
+    rows: list[dict[str, Any]] = []
+    for layer, kind in pairs:
+        def ok(n: int, layer: str = layer, kind: str = kind) -> bool:
+            fmt = format_of(layer, kind, n)
+            key = f"{layer}|{kind}|{fmt.name}"
+            if key not in store:
+                outcome = trial({layer: QuantSpec(**{kind: fmt})})
+                store.put(key, {"bits": n, "metrics": outcome.metrics, "diverged": outcome.diverged,
+                                "error": outcome.error, "loss_curve": outcome.loss_curve,
+                                "wall_time": outcome.wall_time})
+            got = store.get(key)
+            return bool(passes(TrialOutcome(got["metrics"], got.get("loss_curve") or [], [], got["diverged"],
+                                            got["error"])))
+
+        found = [r["min_bits"] for r in rows if r["kind"] == kind and r["min_bits"] is not None]
+        guess = int(np.median(found)) if found else None
+        rows.append({"layer": layer, "kind": kind, "min_bits": gallop_min(ok, candidates, guess)})
+    return pd.DataFrame(rows, columns=["layer", "kind", "min_bits"]).astype({"min_bits": "Int64"})
 
 
 def _ensure_run(study: Study, model: str, mode: str, seed: int, d: Path, stop: int | None,
                 log: Callable[[str], None]) -> dict[str, Any]:
     spec = MODELS[model]
-    meta_path = d / "meta.json"
-    if _is_cached(study, model, mode, seed, stop):
-        return _read_run(d, json.loads(meta_path.read_text()))
+    cached = _cached_meta(study, model, mode, seed, stop)
+    if cached is not None:
+        return read_run(d, cached)
     start, cpu_start = time.perf_counter(), time.process_time()
     family = FAMILY_OF_MODE[mode]
     kinds = ("weight", "activation") + (("gradient",) if mode == "train" else ())
@@ -271,27 +301,12 @@ def _ensure_run(study: Study, model: str, mode: str, seed: int, d: Path, stop: i
 
     store = TrialCache(d / "trials.jsonl")
     criterion = spec.criterion(mode)
-    rows: list[dict[str, Any]] = []
-    for layer, kind in pairs:
-        def passes(n: int, layer: str = layer, kind: str = kind) -> bool:
-            extra = {"absmax": absmax.get((layer, kind), 0.0)} if family == "fixed" else {}
-            fmt = make_format(family, n, **extra)
-            key = f"{layer}|{kind}|{fmt.name}"
-            if key not in store:
-                outcome = run_trial(task, {layer: QuantSpec(**{kind: fmt})}, options, baseline)
-                store.put(key, {"bits": n, "metrics": outcome.metrics, "diverged": outcome.diverged,
-                                "error": outcome.error, "loss_curve": outcome.loss_curve,
-                                "wall_time": outcome.wall_time})
-            got = store.get(key)
-            out = TrialOutcome(got["metrics"], got.get("loss_curve") or [], [], got["diverged"], got["error"])
-            return bool(criterion.passes(out, baseline.metrics, baseline.loss_curve))
 
-        # The search starts at the median minimum of this run's pairs of the same kind so far:
-        # sites of one model and kind need similar widths, so most pairs cost two trials.
-        found = [r["min_bits"] for r in rows if r["kind"] == kind and r["min_bits"] is not None]
-        guess = int(np.median(found)) if found else None
-        rows.append({"layer": layer, "kind": kind, "min_bits": gallop_min(passes, candidates, guess)})
-    minima = pd.DataFrame(rows, columns=["layer", "kind", "min_bits"]).astype({"min_bits": "Int64"})
+    def format_of(layer: str, kind: str, n: int) -> Any:
+        return make_format(family, n, **({"absmax": absmax.get((layer, kind), 0.0)} if family == "fixed" else {}))
+
+    minima = search_minima(pairs, candidates, store, format_of, lambda plan: run_trial(task, plan, options, baseline),
+                           lambda out: criterion.passes(out, baseline.metrics, baseline.loss_curve))
     meta = {"model": model, "mode": mode, "seed": seed, "family": family, "candidates": list(candidates),
             "epochs": options.epochs, "stop_epoch": stop, "baseline": baseline.metrics,
             "criterion": criterion.to_dict(), "pairs": len(pairs), "trials": len(store),
@@ -300,10 +315,10 @@ def _ensure_run(study: Study, model: str, mode: str, seed: int, d: Path, stop: i
     minima.to_csv(d / "minima.csv", index=False)
     stats.to_csv(d / "stats.csv", index=False)
     sq.to_csv(d / "sqnr.csv", index=False)
-    meta_path.write_text(json.dumps(meta, indent=1, default=str))
+    (d / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
     log(f"{model} {mode} seed {seed}{'' if stop is None else f' at epoch {stop}'}: {len(pairs)} pairs, "
         f"{len(store)} trials, {meta['wall_time_s']:.0f} s")
-    return _read_run(d, meta)
+    return read_run(d, meta)
 
 
 def _one_thread(fn: Callable[..., Any], *args: Any) -> Any:
@@ -337,15 +352,24 @@ def fill_cache(study: Study, runs: Iterable[tuple[str, str, int, int | None]]) -
     Each run is one process's serial search (torch on one thread), so the cores stay busy
     with whole runs and a killed script loses only the trials in flight.
     """
-    todo = [r for r in dict.fromkeys(runs) if not _is_cached(study, *r)]
+    todo = [r for r in dict.fromkeys(runs) if _cached_meta(study, *r) is None]
     todo.sort(key=lambda r: -_COST[r[0]] * (6 if r[1] == "train" else 1))
     parallel(_fill, [(study, *r) for r in todo])
 
 
-def _read_run(d: Path, meta: dict[str, Any]) -> dict[str, Any]:
+def read_run(d: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """A finished search's tables (``minima``, ``stats``, ``sqnr``) as written in ``d``, with ``meta``."""
     minima = pd.read_csv(d / "minima.csv").astype({"min_bits": "Int64"})
     return {"minima": minima, "stats": pd.read_csv(d / "stats.csv"), "sqnr": pd.read_csv(d / "sqnr.csv"),
             "meta": meta}
+
+
+def run_table(run: dict[str, Any]) -> pd.DataFrame:
+    """One run's minima beside each pair's statistics and its SQNR per candidate (``sqnr_<bits>``)."""
+    df = run["minima"].merge(run["stats"], on=["layer", "kind"], how="left")
+    sq = run["sqnr"].pivot_table(index=["layer", "kind"], columns="bits", values="sqnr_db")
+    sq.columns = [f"sqnr_{b}" for b in sq.columns]
+    return df.merge(sq.reset_index(), on=["layer", "kind"], how="left")
 
 
 class TrialCache:
@@ -395,10 +419,7 @@ def collect(study: Study, modes: Iterable[str], *, stop: int | None = None) -> p
         for mode in modes:
             for seed in study.seeds:
                 run = ensure_run(study, model, mode, seed, stop=stop)
-                df = run["minima"].merge(run["stats"], on=["layer", "kind"], how="left")
-                sq = run["sqnr"].pivot_table(index=["layer", "kind"], columns="bits", values="sqnr_db")
-                sq.columns = [f"sqnr_{b}" for b in sq.columns]
-                df = df.merge(sq.reset_index(), on=["layer", "kind"], how="left")
+                df = run_table(run)
                 df.insert(0, "seed", seed)
                 df.insert(0, "mode", mode)
                 df.insert(0, "family", MODELS[model].kind)

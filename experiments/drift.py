@@ -38,13 +38,14 @@ from common import (
     _record_model,
     ensure_run,
     fill_cache,
-    gallop_min,
     md_table,
     parallel,
     ranked_bits,
-    run_dir,
+    read_run,
     run_options,
+    run_table,
     save_figure,
+    search_minima,
     sqnr_bits,
     study_from_args,
     write_result,
@@ -56,7 +57,7 @@ from bitwidth.families import make_format
 from bitwidth.report.tables import distribution_table
 from bitwidth.runner import select_pairs
 from bitwidth.stats_analysis import sweep
-from bitwidth.trial import Baseline, TrialOptions, TrialOutcome, epoch_lr, run_trial, train_baseline
+from bitwidth.trial import Baseline, TrialOptions, epoch_lr, run_trial, train_baseline
 from bitwidth.wrap import QuantSpec
 
 STATISTICS = ("dynamic_range", "octaves_below_max", "absmax_std", "kurtosis", "absmax", "sqnr30_bits")
@@ -90,49 +91,33 @@ def gradient_window(study: Any, model: str, seed: int, epoch: int, rate: str = "
     start = time.perf_counter()
     spec, full = MODELS[model], run_options(study, model, "train", seed)
     task = spec.task()
-    # The previous checkpoint (the initial weights before epoch 1), trained on the full schedule's rates.
-    prev = train_baseline(task, run_options(study, model, "train", seed, epoch - 1 or None), cache_dir=d)
+    # The previous checkpoint, trained at the full schedule's rates; before epoch 1 the initial
+    # weights, which any checkpoint's run holds (the shortest: one epoch).
+    prev = train_baseline(task, run_options(study, model, "train", seed, max(epoch - 1, 1)), cache_dir=d)
     state = prev.init_state_dict if epoch == 1 else prev.state_dict
     lr = epoch_lr(full, epoch - 1 if rate == "schedule" else 0)
     opts = TrialOptions(mode="train", seed=seed, epochs=1, lr=lr, batch_size=full.batch_size,
                         optimizer=full.optimizer, momentum=full.momentum, weight_decay=full.weight_decay)
     start_point = Baseline(state, {}, [], state, [], {})
     ref = run_trial(task, {}, opts, start_point)  # the same epoch in fp32: what the quantized ones must match
-    judge = Baseline(state, ref.metrics, ref.loss_curve, state, [], {})
     table = coverage(task.build_model(seed), {"*": QuantSpec()}, task.example_input()).table
     pairs = select_pairs(table, list(dict.fromkeys(table["site"])), ["gradient"])
     rec = _record_model(task, start_point, pairs, ["gradient"], opts.calib_batches)
-    absmax, candidates = _absmax(rec), study.candidates["train"]
-    store, criterion, rows = TrialCache(d / "trials.jsonl"), spec.criterion("train"), []
-    for layer, kind in pairs:
-        def passes(n: int, layer: str = layer) -> bool:
-            fmt = make_format("fixed", n, absmax=absmax.get((layer, "gradient"), 0.0))
-            key = f"{layer}|gradient|{fmt.name}"
-            if key not in store:
-                out = run_trial(task, {layer: QuantSpec(gradient=fmt)}, opts, start_point)
-                store.put(key, {"metrics": out.metrics, "loss_curve": out.loss_curve, "diverged": out.diverged,
-                                "error": out.error})
-            got = store.get(key)
-            out = TrialOutcome(got["metrics"], got["loss_curve"] or [], [], got["diverged"], got["error"])
-            return bool(criterion.passes(out, judge.metrics, judge.loss_curve))
-
-        found = [r["min_bits"] for r in rows if r["min_bits"] is not None]
-        rows.append({"layer": layer, "kind": kind, "min_bits": gallop_min(passes, candidates,
-                                                                          int(np.median(found)) if found else None)})
+    absmax, candidates, criterion = _absmax(rec), study.candidates["train"], spec.criterion("train")
+    minima = search_minima(pairs, candidates, TrialCache(d / "trials.jsonl"),
+                           lambda layer, kind, n: make_format("fixed", n, absmax=absmax.get((layer, kind), 0.0)),
+                           lambda plan: run_trial(task, plan, opts, start_point),
+                           lambda out: criterion.passes(out, ref.metrics, ref.loss_curve))
     distribution_table(rec.to_frame(), recorder=rec).to_csv(d / "stats.csv", index=False)
     sweep(rec, "fixed", candidates)[["layer", "kind", "bits", "sqnr_db"]].to_csv(d / "sqnr.csv", index=False)
     (d / "meta.json").write_text(json.dumps({"model": model, "seed": seed, "epoch": epoch, "reference": ref.metrics,
-                                             "trials": len(store), "wall_time_s": time.perf_counter() - start}))
-    pd.DataFrame(rows).astype({"min_bits": "Int64"}).to_csv(d / "minima.csv", index=False)
+                                             "wall_time_s": time.perf_counter() - start}))
+    minima.to_csv(d / "minima.csv", index=False)
     return d
 
 
-def _frame(d: Path, model: str, seed: int, epoch: int, candidates: Sequence[int]) -> pd.DataFrame:
-    df = pd.read_csv(d / "minima.csv").astype({"min_bits": "Int64"}).merge(
-        pd.read_csv(d / "stats.csv"), on=["layer", "kind"], how="left")
-    sq = pd.read_csv(d / "sqnr.csv").pivot_table(index=["layer", "kind"], columns="bits", values="sqnr_db")
-    sq.columns = [f"sqnr_{b}" for b in sq.columns]
-    df = df.merge(sq.reset_index(), on=["layer", "kind"], how="left")
+def _frame(run: dict[str, Any], model: str, seed: int, epoch: int, candidates: Sequence[int]) -> pd.DataFrame:
+    df = run_table(run)
     df["bits"] = ranked_bits(df, candidates)
     df["sqnr30_bits"] = sqnr_bits(df, candidates, 30.0)
     return df.assign(model=model, seed=seed, epoch=epoch)
@@ -149,11 +134,11 @@ def checkpoints(study: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
     control = []
     frames = []
     for (m, e), s in [(p, s) for p in points for s in study.seeds]:
-        d = run_dir(study, m, "ptq", s, _stop(study, m, e))
-        ensure_run(study, m, "ptq", s, stop=_stop(study, m, e))
-        frames.append(_frame(d, m, s, e, study.candidates["ptq"]))
+        frames.append(_frame(ensure_run(study, m, "ptq", s, stop=_stop(study, m, e)), m, s, e,
+                             study.candidates["ptq"]))
     for (_, m, s, e, rate), d in zip(windows, dirs, strict=True):
-        (frames if rate == "schedule" else control).append(_frame(d, m, s, e, study.candidates["train"]))
+        rows = _frame(read_run(d, {}), m, s, e, study.candidates["train"])
+        (frames if rate == "schedule" else control).append(rows)
     return _points(pd.concat(frames, ignore_index=True)), _points(pd.concat(control, ignore_index=True))
 
 

@@ -40,7 +40,7 @@ import pandas as pd
 from common import FAMILY_OF_MODE, collect, md_table, ranked_bits, save_figure, sqnr_bits, study_from_args, write_result
 from inference import BOOT
 
-from bitwidth.predict import midpoint_bits
+from bitwidth.predict import midpoint_bits, nearest_candidate
 
 MODES = ("ptq", "train")
 THRESHOLDS = np.arange(0.0, 60.25, 0.25)  # dB
@@ -96,7 +96,7 @@ def _step_distance(pred: pd.Series, true: pd.Series, candidates: Sequence[int]) 
 
 def _snap(x: np.ndarray, candidates: Sequence[int]) -> np.ndarray:
     """Each value's nearest candidate, "none passed" (one above the largest) included; ties to fewer bits."""
-    return np.array([float(midpoint_bits(v, v, candidates)) for v in x])
+    return np.array([float(nearest_candidate(v, candidates)) for v in x])
 
 
 def _features(rows: pd.DataFrame, candidates: Sequence[int], threshold: float) -> dict[str, np.ndarray]:

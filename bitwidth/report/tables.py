@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from ..cost import COST_MEASURES, CostModel, LayerCost
-from ..histogram import histogram_stats
+from ..histogram import first_raw_step, histogram_stats
 from ..result import as_float
 from ..search import plan_label
 from ..wrap import KINDS, QuantSpec, plan_from_dict
@@ -167,15 +167,6 @@ def sensitivity_table(trials: pd.DataFrame, layers: Sequence[str] = ()) -> pd.Da
 # ----------------------------------------------------------------------------- why: distributions
 
 
-def _first_step(frame: pd.DataFrame) -> pd.DataFrame:
-    """Raw (not quantized) rows of the first recorded step: the distribution the search started from."""
-    if "quantized" in frame.columns:
-        frame = frame[~frame["quantized"].astype(bool)]
-    if "step" in frame.columns and len(frame):
-        frame = frame[frame["step"] == frame["step"].min()]
-    return frame
-
-
 def distribution_table(stats: pd.DataFrame, min_bits: pd.DataFrame | None = None, *, recorder: Any = None,
                        family: str | None = None, candidates: Sequence[int] = ()) -> pd.DataFrame:
     """Each (layer, kind)'s distribution statistics, beside its minimum bits when a search ran.
@@ -190,16 +181,16 @@ def distribution_table(stats: pd.DataFrame, min_bits: pd.DataFrame | None = None
     >>> distribution_table(st)[["layer", "absmax_std"]].values.tolist()
     [['fc', 4.0]]
     """
-    raw = _first_step(stats)
+    raw = first_raw_step(stats)
     keep = [c for c in ("layer", "kind", "absmax", "std", "kurtosis", "zero_frac") if c in raw.columns]
     table = raw[keep].copy()
     table["absmax_std"] = table["absmax"] / table["std"].where(table["std"] > 0)
     if recorder is not None:
-        table = table.merge(histogram_stats(_first_step(recorder.hist_frame())), on=["layer", "kind"], how="left")
+        table = table.merge(histogram_stats(first_raw_step(recorder.hist_frame())), on=["layer", "kind"], how="left")
         if family in ("int", "fixed") and candidates:
             from ..predict import predict_min_bits
 
-            pred = _first_step(predict_min_bits(recorder, family, candidates))
+            pred = first_raw_step(predict_min_bits(recorder, family, candidates))
             table = table.merge(pred[["layer", "kind", "min_bits"]].rename(columns={"min_bits": "predicted_bits"}),
                                 on=["layer", "kind"], how="left")
     if min_bits is not None:
