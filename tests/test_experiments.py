@@ -151,3 +151,11 @@ def test_experiment_helpers_doctests(module: str) -> None:
     finally:
         sys.path.remove(str(EXPERIMENTS))
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_predict_from_sweep_keeps_chosen_widths_after_a_midpoint_stream() -> None:
+    # Stream "a" has no chosen width (midpoint path); stream "b" after it keeps its chosen 8 bits.
+    sw = pd.DataFrame({"layer": ["a"] * 3 + ["b"] * 3, "kind": ["weight"] * 6, "bits": [2, 4, 8] * 2,
+                       "format": ["int2", "int4", "int8"] * 2, "sqnr_db": [3.0, 14.0, 38.0] * 2})
+    out = predict.predict_from_sweep(sw, "int", {"weight": 12.0}, {"weight": 4}, {("b", "weight"): 8})
+    assert out["min_bits"].tolist() == [4, 8]
